@@ -1,0 +1,1 @@
+"""nanod's supervisor process. It never imports torch (see docs/architecture.md)."""

@@ -1,0 +1,124 @@
+"""Settings: defaults < <home>/config.toml (or $NANOD_CONFIG) < NANOD_* env < --home/flags.
+
+Every path nanod uses derives from here, so a test or a demo that points
+`home` at a temporary directory touches nothing else. This module only resolves
+settings; creating directories and their permissions is `ensure_dirs`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from daemon.units import parse_duration, parse_size
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def default_home() -> Path:
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data).expanduser() / "nanod"
+
+
+def default_lock_dir() -> Path:
+    # per user and machine, shared by every home: the GPU is one whatever the home
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "nanod" / "locks"
+
+
+class Settings(BaseSettings):
+    """nanod's settings. Env: NANOD_<FIELD> (e.g. NANOD_HOME, NANOD_HEALTH_INTERVAL=30s)."""
+
+    model_config = SettingsConfigDict(env_prefix="NANOD_", extra="forbid", frozen=True)
+
+    home: Path = Field(default_factory=default_home)  # nanod's own files: state, logs, health, inbox
+    inbox: Path | None = None                # job files are dropped here; default <home>/jobs
+    nanochat_base_dir: Path | None = None    # checkpoints; default $NANOCHAT_BASE_DIR or ~/.cache/nanochat
+    lock_dir: Path = Field(default_factory=default_lock_dir)  # gpu<N>.lock, shared with `nanod exec` and other tools
+    inbox_mode: Literal["auto", "inotify", "polling"] = "auto"  # auto: inotify, polling where it hears nothing
+    poll_interval: Duration = 1.0            # inbox polling period when polling
+    rescan_interval: Duration = 30.0         # full inbox rescan even with inotify (events can be dropped)
+    settle_time: Duration = 0.5              # a file written in place is read once unchanged this long
+    tick_interval: Duration = 0.5            # the daemon loop's period when nothing wakes it sooner
+    health_interval: Duration = 30.0         # scheduled health snapshots
+    health_history: Duration = 86400.0       # how much snapshot history to keep
+    vram_warn_fraction: float = Field(0.9, gt=0, le=1)  # VRAM used above this is a warning
+    disk_min_free: Size = 5_000_000_000      # free disk below this is a warning (the guide's 5 GB)
+    ram_min_free: Size = 1_000_000_000       # free host RAM below this is a warning
+    disk_margin: Size = 1_000_000_000        # added to the projected need of the disk guard
+    python: str | None = None                # interpreter for the built-in trainer; default: this one
+    allow_job_commands: bool = False         # may job files name their own interpreter/checkout (runner: nanochat)?
+    nanochat_repos: list[Path] = Field(default_factory=list)  # checkouts job files may use without allow_job_commands
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file())
+        return (init_settings, env_settings, toml)
+
+    # ---- derived paths -------------------------------------------------------------
+    @property
+    def inbox_dir(self) -> Path:
+        return self.inbox or self.home / "jobs"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        if self.nanochat_base_dir:
+            return self.nanochat_base_dir
+        env = os.environ.get("NANOCHAT_BASE_DIR")
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "nanochat"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "state"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def health_dir(self) -> Path:
+        return self.home / "health"
+
+    @property
+    def requests_dir(self) -> Path:
+        return self.home / "requests"
+
+    def gpu_lock_path(self, gpu: int) -> Path:
+        return self.lock_dir / f"gpu{gpu}.lock"
+
+
+_HOME_OVERRIDE: Path | None = None
+
+
+def config_file() -> Path:
+    """$NANOD_CONFIG, else <home>/config.toml (home from --home, NANOD_HOME or the default)."""
+    if os.environ.get("NANOD_CONFIG"):
+        return Path(os.environ["NANOD_CONFIG"]).expanduser()
+    home = _HOME_OVERRIDE or (Path(os.environ["NANOD_HOME"]).expanduser() if os.environ.get("NANOD_HOME") else default_home())
+    return home / "config.toml"
+
+
+def load_settings(home: Path | str | None = None, **overrides) -> Settings:
+    """Settings for this process; `home` (from --home) wins over NANOD_HOME and the file."""
+    global _HOME_OVERRIDE
+    _HOME_OVERRIDE = Path(home).expanduser().resolve() if home else None
+    try:
+        if _HOME_OVERRIDE:
+            overrides["home"] = _HOME_OVERRIDE
+        return Settings(**overrides)
+    finally:
+        _HOME_OVERRIDE = None
+
+
+def ensure_dirs(settings: Settings) -> None:
+    """Create nanod's directories 0700 (promise 12). The inbox is checked by the inbox."""
+    for d in (settings.home, settings.state_dir, settings.logs_dir, settings.health_dir,
+              settings.requests_dir, settings.inbox_dir, settings.lock_dir):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for d in (settings.home, settings.state_dir, settings.logs_dir, settings.health_dir, settings.requests_dir):
+        os.chmod(d, 0o700)

@@ -1,0 +1,62 @@
+"""How to launch one attempt of a phase, and how to read what it says: one adapter per runner.
+
+`builtin` runs nanod's own trainer (`python -m trainer`); `nanochat` runs the
+scripts of a user's nanochat checkout. The runner module (daemon/runner.py)
+starts and watches the process; the supervisor decides; an adapter only knows
+its trainer's command line, step lines, exit codes and checkpoint rules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Protocol
+
+
+class Outcome(str, Enum):
+    """How an attempt ended (separate from the job's state)."""
+
+    COMPLETED = "completed"
+    OOM = "oom"
+    CRASHED = "crashed"
+    STALLED = "stalled"
+    INTERRUPTED = "interrupted"      # graceful stop; emergency checkpoint saved
+    CANCELLED = "cancelled"
+    BAD_ARGS = "bad_args"            # the trainer refused its arguments or data: retrying cannot help
+    FAILED_TO_START = "failed_to_start"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One parsed step line."""
+
+    step: int
+    total: int | None = None
+    loss: float | None = None
+    dt_ms: float | None = None
+    tok_per_sec: float | None = None
+    peak_mem_gib: float | None = None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything needed to start one attempt."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # added over the daemon's cleaned environment
+    cwd: Path | None = None
+
+
+class RunnerAdapter(Protocol):
+    def checkpoint_dir(self, root: Path, phase: str, model_tag: str) -> Path: ...
+
+    def build_launch(self, spec, phase_index: int, *, args: dict, resume_from: int | None,
+                     init_from: int | None) -> Launch: ...
+
+    def parse_progress(self, line: str) -> Progress | None: ...
+
+    def classify_exit(self, returncode: int, log_tail: str) -> Outcome: ...
+
+    def is_complete(self, ckpt_dir: Path, step: int) -> bool: ...
+
+    def can_resume(self, phase: str) -> bool: ...

@@ -1,0 +1,229 @@
+"""The YAML job contract: pydantic models and `load_job_file`.
+
+A job file is either a plan (`phases:` list) or a one-phase job (a top-level
+`phase:` with its `args`/`env`). Validation is strict: unknown keys, wrong types
+(no "8" for 8) and impossible values are errors that name the file and the field,
+because a typo must never start a three-day run on defaults. This module reads
+files and builds models; it does not decide what happens to a rejected file (the
+inbox does) nor start anything.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from daemon.units import parse_duration
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+NAME_RE = re.compile(NAME_PATTERN)
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ARG_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+PHASE_ORDER = ("base", "mid", "sft")
+SCHEMA_VERSION = 1
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]  # seconds; "10m", "1h30m", 90
+ArgValue = str | bool | int | float
+
+
+class JobFileError(ValueError):
+    """A job file that cannot become a job; str() is the one-line reason."""
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Refuse anything that is not [a-z0-9][a-z0-9._-]{0,63}: names become paths."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
+        raise ValueError(f"{what} {name!r} must match [a-z0-9][a-z0-9._-]{{0,63}}")
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _check_env(env: dict[str, str]) -> dict[str, str]:
+    for key in env:
+        if not ENV_NAME_RE.match(key):
+            raise ValueError(f"environment variable name {key!r} is not valid")
+    return env
+
+
+def _normalise_args(args: dict[str, ArgValue]) -> dict[str, ArgValue]:
+    """Accept nanochat's dash and underscore spellings; store underscores."""
+    out: dict[str, ArgValue] = {}
+    for key, value in args.items():
+        if not ARG_NAME_RE.match(key):
+            raise ValueError(f"argument name {key!r} is not valid (use e.g. device_batch_size)")
+        norm = key.replace("-", "_")
+        if norm in out:
+            raise ValueError(f"argument {norm!r} is given twice")
+        if norm == "resume_from_step":
+            raise ValueError("resume_from_step is nanod's to set; it resumes from the newest complete checkpoint")
+        out[norm] = value
+    return out
+
+
+class Recovery(_Strict):
+    """What the supervisor does when an attempt ends badly."""
+
+    max_restarts_without_progress: int = Field(3, ge=0, le=1000)  # a new checkpoint resets the count
+    stall_timeout: Duration = 600.0   # no step line and no checkpoint for this long = stalled
+    startup_grace: Duration = 900.0   # the same, before the first step line of an attempt
+    kill_grace: Duration = 120.0      # SIGTERM -> SIGKILL: time for an emergency checkpoint
+    backoff_max: Duration = 300.0     # crash relaunch delay doubles from 0 up to this
+    oom_backoff: bool = True          # halve device_batch_size on OOM, keeping total_batch_size
+
+
+class Retention(_Strict):
+    """Keep-last-N per checkpoint directory (the final checkpoint of a phase is always kept)."""
+
+    keep_last: int | None = Field(3, ge=2)  # None keeps all; 1 is refused (the newest may be mid-write)
+    keep_every: int | None = Field(None, ge=1)  # also keep every step that is a multiple of this
+
+
+class NanochatRunner(_Strict):
+    """Where a nanochat checkout is and how to run it (runner: nanochat)."""
+
+    repo: str                                      # path of the checkout
+    python: str = "python"                         # its interpreter (e.g. <repo>/.venv/bin/python)
+    flag_style: Literal["auto", "dash", "underscore"] = "auto"  # auto: detected from the checkout
+    nproc_per_node: int = Field(1, ge=1, le=64)     # >1 launches through torchrun
+
+
+class Phase(_Strict):
+    phase: Literal["base", "mid", "sft"]
+    args: dict[str, ArgValue] = Field(default_factory=dict)  # the trainer's flags, nanochat's names
+    env: dict[str, str] = Field(default_factory=dict)        # over the job's env
+
+    _args = field_validator("args")(classmethod(lambda cls, v: _normalise_args(v)))
+    _env = field_validator("env")(classmethod(lambda cls, v: _check_env(v)))
+
+
+class JobSpec(_Strict):
+    """One job: a plan of phases run one after another, each from the previous one's final checkpoint."""
+
+    name: str                                           # defaults to the file stem
+    model_tag: str | None = None                        # defaults to d<depth> of the base phase
+    runner: Literal["builtin", "nanochat"] = "builtin"
+    nanochat: NanochatRunner | None = None              # required with runner: nanochat
+    priority: int = Field(0, ge=-100, le=100)           # higher runs first; FIFO within a priority
+    gpu: int = Field(0, ge=0, le=63)                    # GPU index: the lock taken and CUDA_VISIBLE_DEVICES
+    env: dict[str, str] = Field(default_factory=dict)
+    recovery: Recovery = Field(default_factory=Recovery)
+    retention: Retention = Field(default_factory=Retention)
+    phases: list[Phase] = Field(min_length=1, max_length=len(PHASE_ORDER))
+
+    _name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
+    _env = field_validator("env")(classmethod(lambda cls, v: _check_env(v)))
+
+    @field_validator("model_tag")
+    @classmethod
+    def _model_tag(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "model_tag")
+
+    @model_validator(mode="after")
+    def _plan(self) -> "JobSpec":
+        kinds = [p.phase for p in self.phases]
+        if len(set(kinds)) != len(kinds) or kinds != sorted(kinds, key=PHASE_ORDER.index):
+            raise ValueError(f"phases must be in the order base, mid, sft, each at most once (got {', '.join(kinds)})")
+        if self.runner == "nanochat" and self.nanochat is None:
+            raise ValueError("runner: nanochat needs a nanochat: {repo: PATH} block")
+        if self.runner == "builtin" and self.nanochat is not None:
+            raise ValueError("a nanochat: block needs runner: nanochat")
+        for p in self.phases:
+            for key in ("device_batch_size", "num_iterations", "max_seq_len", "max_tokens", "depth"):
+                v = p.args.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                    raise ValueError(f"phases.{p.phase}.args.{key} must be an integer, got {v!r}")
+                if key in ("device_batch_size", "max_seq_len", "max_tokens", "depth") and v is not None and v < 1:
+                    raise ValueError(f"phases.{p.phase}.args.{key} must be at least 1, got {v}")
+        return self
+
+    @property
+    def resolved_model_tag(self) -> str:
+        if self.model_tag:
+            return self.model_tag
+        for p in self.phases:
+            depth = p.args.get("depth")
+            if isinstance(depth, int):
+                return f"d{depth}"
+        return "d20"  # nanochat's default depth
+
+    def phase_env(self, index: int) -> dict[str, str]:
+        """The job's env with the phase's over it (defaults are the runner's to add)."""
+        return {**self.env, **self.phases[index].env}
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a job file (`nanod schema`), for editors."""
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = f"nanod job file (schema {SCHEMA_VERSION})"
+    schema["required"] = ["phases"]  # name defaults to the file stem
+    return schema
+
+
+MAX_JOB_FILE_BYTES = 1 << 20
+
+
+def parse_job(data: object, *, default_name: str) -> JobSpec:
+    """A JobSpec from parsed YAML; raises JobFileError with a one-line reason."""
+    if not isinstance(data, dict):
+        raise JobFileError(f"the top level must be a mapping, not {type(data).__name__}")
+    data = dict(data)
+    if "phase" in data:  # a one-phase job
+        if "phases" in data:
+            raise JobFileError("use either a top-level phase: or a phases: list, not both")
+        data["phases"] = [{k: data.pop(k) for k in ("phase", "args") if k in data}]
+        if "phase_env" in data:
+            data["phases"][0]["env"] = data.pop("phase_env")
+    data.setdefault("name", default_name)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise JobFileError(_one_line(e)) from None
+
+
+def load_job_file(path: Path, *, max_bytes: int = MAX_JOB_FILE_BYTES) -> JobSpec:
+    """Read, parse and validate one job file. Raises JobFileError naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise JobFileError(f"{path.name}: cannot read: {e.strerror or e}") from None
+    if len(raw) > max_bytes:
+        raise JobFileError(f"{path.name}: larger than {max_bytes} bytes; a job file is a few lines")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JobFileError(f"{path.name}: not UTF-8 text (byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise JobFileError(f"{path.name}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise JobFileError(f"{path.name}: invalid YAML: nested too deeply") from None
+    stem = path.name.rsplit(".", 1)[0]
+    try:
+        return parse_job(data, default_name=stem)
+    except JobFileError as e:
+        raise JobFileError(f"{path.name}: {e}") from None
+
+
+def _one_line(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = f" (+{e.error_count() - 3} more)" if e.error_count() > 3 else ""
+    return "; ".join(parts) + more

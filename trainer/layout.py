@@ -1,0 +1,142 @@
+"""Where checkpoints live and when one is complete (stdlib only).
+
+The one definition of the on-disk checkpoint format, nanochat's layout:
+
+    $NANOCHAT_BASE_DIR/{base,mid,chatsft}_checkpoints/<model_tag>/
+        model_%06d.pt  optim_%06d_rank%d.pt  meta_%06d.json
+
+A checkpoint is *complete* only when its meta file exists and parses as a JSON
+object and the model file (and each rank's optimizer file, where expected) is
+there. Writers write every file to a hidden temp name, fsync and rename, meta
+last. Both resume (trainer) and retention (daemon) call `is_complete`, so there
+is one idea of "complete". This module never deletes anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
+# the phase a phase starts from (sft falls back to base when there was no mid)
+PREVIOUS_PHASES = {"base": (), "mid": ("base",), "sft": ("mid", "base")}
+
+_STEP_FILE = re.compile(r"^(?:model|meta|optim)_(\d{6})(?:_rank\d+)?\.(?:pt|json)$")
+TEMP_PREFIX = "."  # temp files are hidden: ".model_000250.pt.<pid>.tmp"
+TEMP_SUFFIX = ".tmp"
+
+
+def base_dir() -> Path:
+    """NANOCHAT_BASE_DIR, or ~/.cache/nanochat as nanochat uses."""
+    env = os.environ.get("NANOCHAT_BASE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nanochat"
+
+
+def checkpoint_dir(root: Path, phase: str, model_tag: str) -> Path:
+    return Path(root) / PHASE_DIRS[phase] / model_tag
+
+
+def model_path(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"model_{step:06d}.pt"
+
+
+def meta_path(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"meta_{step:06d}.json"
+
+
+def optim_path(ckpt_dir: Path, step: int, rank: int = 0) -> Path:
+    return Path(ckpt_dir) / f"optim_{step:06d}_rank{rank:d}.pt"
+
+
+def temp_path(final: Path) -> Path:
+    """The hidden name a file is written under before its rename."""
+    final = Path(final)
+    return final.with_name(f"{TEMP_PREFIX}{final.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def is_temp(path: Path) -> bool:
+    name = Path(path).name
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
+def list_steps(ckpt_dir: Path) -> list[int]:
+    """Every step with at least one checkpoint file, complete or not, ascending."""
+    try:
+        names = os.listdir(ckpt_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    steps = {int(m.group(1)) for m in map(_STEP_FILE.match, names) if m}
+    return sorted(steps)
+
+
+def files_of(ckpt_dir: Path, step: int) -> list[Path]:
+    """Every file that belongs to one checkpoint (model, meta, each rank's optim)."""
+    prefix = (f"model_{step:06d}.", f"meta_{step:06d}.", f"optim_{step:06d}_rank")
+    try:
+        names = os.listdir(ckpt_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(Path(ckpt_dir) / n for n in names if _STEP_FILE.match(n) and n.startswith(prefix))
+
+
+def read_meta(ckpt_dir: Path, step: int) -> dict | None:
+    """The parsed meta, or None when it is missing, torn or not a JSON object."""
+    try:
+        with open(meta_path(ckpt_dir, step), "rb") as f:
+            meta = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def expected_ranks(meta: dict) -> int:
+    """How many optimizer files a checkpoint should have (nanod's trainer records it)."""
+    nanod = meta.get("nanod") if isinstance(meta.get("nanod"), dict) else {}
+    ranks = nanod.get("optim_ranks", 1)
+    return ranks if isinstance(ranks, int) and ranks >= 0 else 1
+
+
+def is_complete(ckpt_dir: Path, step: int, *, optim_ranks: int | None = None) -> bool:
+    """True when the meta parses and the model and optimizer files are present.
+
+    optim_ranks: how many `optim_<step>_rank<r>.pt` files must exist; None takes
+    it from the meta (1 when the meta does not say), 0 requires none.
+    """
+    meta = read_meta(ckpt_dir, step)
+    if meta is None:
+        return False
+    if not _non_empty(model_path(ckpt_dir, step)):
+        return False
+    ranks = expected_ranks(meta) if optim_ranks is None else optim_ranks
+    return all(_non_empty(optim_path(ckpt_dir, step, r)) for r in range(ranks))
+
+
+def complete_steps(ckpt_dir: Path, *, optim_ranks: int | None = None) -> list[int]:
+    return [s for s in list_steps(ckpt_dir) if is_complete(ckpt_dir, s, optim_ranks=optim_ranks)]
+
+
+def latest_complete(ckpt_dir: Path, *, optim_ranks: int | None = None) -> int | None:
+    """The newest complete step, or None. Incomplete newer ones are skipped."""
+    for step in reversed(list_steps(ckpt_dir)):
+        if is_complete(ckpt_dir, step, optim_ranks=optim_ranks):
+            return step
+    return None
+
+
+def size_of(ckpt_dir: Path, step: int) -> int:
+    """Bytes on disk of one checkpoint's files."""
+    total = 0
+    for p in files_of(ckpt_dir, step):
+        try:
+            total += p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def _non_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
