@@ -1,0 +1,67 @@
+"""The `nanod` command: a global --home, then one subcommand from daemon/commands/.
+
+Each command lives in its own small module (NAME, HELP, add_arguments, run) so
+the parser is a list, not a file that grows with every feature. A UserError is
+one line on stderr and exit 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module names under daemon/commands/, in the order `nanod --help` lists them
+COMMANDS = ["run", "status", "submit", "list", "cancel", "retry", "logs", "checkpoints", "prune",
+            "check", "exec", "schema", "plot", "install_service", "drill"]
+
+
+class UserError(Exception):
+    """A mistake the user can fix; str() is the one-line message."""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="nanod", description="Keeps a small-GPU training plan running unattended.")
+    parser.add_argument("--home", metavar="DIR", help="nanod's home (default $NANOD_HOME or ~/.local/share/nanod)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"daemon.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"daemon.commands.{name}":
+                continue  # not built yet
+            raise
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        p.add_argument("--home", metavar="DIR", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        mod.add_arguments(p)
+        modules[mod.NAME] = mod
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from daemon.config import load_settings
+    try:
+        settings = load_settings(args.home)
+        return int(modules[args.command].run(args, settings) or 0)
+    except UserError as e:
+        print(f"nanod {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # settings errors from pydantic are user errors too
+        from pydantic import ValidationError
+        if isinstance(e, ValidationError):
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            print(f"nanod: bad setting {loc}: {first['msg']}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

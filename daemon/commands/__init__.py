@@ -1,0 +1,1 @@
+"""One module per `nanod` command (see daemon/cli.py)."""

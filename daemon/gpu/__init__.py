@@ -1,0 +1,1 @@
+"""The GPU: its lock (lock.py) and its memory readings (vram.py)."""
