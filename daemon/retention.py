@@ -1,0 +1,230 @@
+"""Keep-last-N for checkpoint directories: the only code that deletes checkpoints.
+
+Policy (`plan_prune`, pure) is apart from storage (`prune_dir`). A checkpoint
+(model + meta + each rank's optim) is one unit, and "complete" means only what
+`trainer.layout.is_complete` says: the same test resume uses.
+
+Rules (promise 10):
+- keep_last < 2 is refused: the newest checkpoint may still be being written.
+- Only complete checkpoints are counted and deleted. The newest complete one,
+  the last `keep_last` complete ones, milestones (multiples of keep_every) and
+  `protect`ed steps (being resumed from, a later phase's init_from, each
+  completed phase's final checkpoint) are kept.
+- An incomplete checkpoint newer than the newest complete one may be being
+  written: never touched.
+- Debris: an incomplete checkpoint *older* than the newest complete one is a
+  leftover of a crash mid-save (resume skipped it, so nothing will finish it).
+  It is deleted only when none of its files (nor a temp file of its step) has
+  been modified for `debris_age` (1 h): a trainer restarted from scratch in the
+  same directory could otherwise be writing it right now.
+- Deletion removes the meta first (the completeness marker) and fsyncs the
+  directory, then the optimizer and model files: a deletion cut short leaves
+  an incomplete checkpoint that nothing resumes from, never a "complete" one
+  missing its weights.
+- Hidden temp files (layout.is_temp) and stray files such as
+  model_000200_backup.pt are never touched. Deletion failures are returned and
+  logged, never raised.
+
+Safe beside a running save without a lock: a save only ever creates a step
+newer than the newest complete one, which is never deleted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from daemon.atomic import fsync_dir
+from trainer import layout
+
+log = logging.getLogger("nanod.retention")
+
+DEBRIS_AGE = 3600.0  # seconds untouched before an old incomplete checkpoint counts as crash debris
+
+# reasons a checkpoint is kept
+NEWEST = "newest"
+LAST_N = "last-N"
+MILESTONE = "milestone"
+PROTECTED = "protected"
+BEING_WRITTEN = "incomplete, newer than the newest complete (may be being written)"
+RECENT_INCOMPLETE = "incomplete, modified recently"
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    delete: list[int]                      # complete checkpoints to delete, ascending
+    debris: list[int]                      # old incomplete checkpoints to delete, ascending
+    keep: dict[int, tuple[str, ...]]       # every other step -> why it is kept
+
+
+@dataclass
+class PruneResult:
+    deleted_steps: list[int] = field(default_factory=list)   # deleted (or, dry run, to delete), debris included
+    freed_bytes: int = 0
+    kept: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)         # one line per file that could not be deleted
+    debris: list[int] = field(default_factory=list)         # the subset of deleted_steps that was incomplete
+    dry_run: bool = False
+
+
+def check_keep_last(keep_last: int | None) -> None:
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 2):
+        raise ValueError(f"keep_last must be at least 2, got {keep_last!r}: "
+                         "the newest checkpoint may still be being written, so one more must be kept")
+
+
+def plan_prune(steps_complete: Iterable[int], steps_all: Iterable[int], *, keep_last: int | None,
+               keep_every: int | None = None, protect: Iterable[int] = frozenset(),
+               idle: Iterable[int] = frozenset()) -> PrunePlan:
+    """Which steps to delete and why each other one is kept.
+
+    steps_all: every step with any file; steps_complete: those layout.is_complete
+    accepts. idle: incomplete steps untouched for the debris age (the storage
+    side measures it). keep_last None keeps everything.
+    """
+    check_keep_last(keep_last)
+    if keep_every is not None and keep_every < 1:
+        raise ValueError(f"keep_every must be at least 1, got {keep_every!r}")
+    complete = sorted(set(steps_complete))
+    protect, idle = set(protect), set(idle)
+    newest = complete[-1] if complete else None
+    last_n = set(complete if keep_last is None else complete[-keep_last:])
+    keep: dict[int, tuple[str, ...]] = {}
+    delete: list[int] = []
+    for step in complete:
+        why = []
+        if step == newest:
+            why.append(NEWEST)
+        if step in last_n:
+            why.append(LAST_N if keep_last is not None else "keep_last unset (keep all)")
+        if keep_every and step % keep_every == 0:
+            why.append(MILESTONE)
+        if step in protect:
+            why.append(PROTECTED)
+        if why:
+            keep[step] = tuple(why)
+        else:
+            delete.append(step)
+    debris: list[int] = []
+    for step in sorted(set(steps_all) - set(complete)):
+        if newest is None or step > newest:
+            keep[step] = (BEING_WRITTEN,)
+        elif step in protect:
+            keep[step] = (PROTECTED,)
+        elif step in idle and keep_last is not None:
+            debris.append(step)
+        else:
+            keep[step] = (RECENT_INCOMPLETE,)
+    return PrunePlan(delete=delete, debris=debris, keep=keep)
+
+
+def prune_dir(ckpt_dir: Path, *, keep_last: int | None, keep_every: int | None = None,
+              protect: Iterable[int] = frozenset(), dry_run: bool = False, optim_ranks: int | None = None,
+              debris_age: float = DEBRIS_AGE, now: float | None = None,
+              unlink: Callable[[Path], None] = os.unlink) -> PruneResult:
+    """Apply the keep-last-N policy to one checkpoint directory. Never raises for a failed deletion.
+
+    optim_ranks is passed to layout.is_complete (0 for old nanochat chat_sft,
+    which saves no optimizer). unlink is injectable so tests can watch the order.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    check_keep_last(keep_last)
+    steps = layout.list_steps(ckpt_dir)
+    complete = [s for s in steps if layout.is_complete(ckpt_dir, s, optim_ranks=optim_ranks)]
+    now = time.time() if now is None else now
+    idle = {s for s in set(steps) - set(complete) if now - last_modified(ckpt_dir, s) >= debris_age}
+    plan = plan_prune(complete, steps, keep_last=keep_last, keep_every=keep_every, protect=protect, idle=idle)
+    result = PruneResult(kept=dict(plan.keep), dry_run=dry_run)
+    for step in plan.delete + plan.debris:
+        if step in plan.debris:
+            # checked again just before: a file touched since the plan means someone is writing it
+            if now - last_modified(ckpt_dir, step) < debris_age or layout.is_complete(ckpt_dir, step, optim_ranks=optim_ranks):
+                result.kept[step] = (RECENT_INCOMPLETE,)
+                continue
+        freed, errors = delete_checkpoint(ckpt_dir, step, dry_run=dry_run, unlink=unlink)
+        result.freed_bytes += freed
+        result.errors.extend(errors)
+        result.deleted_steps.append(step)
+        if step in plan.debris:
+            result.debris.append(step)
+    result.deleted_steps.sort()
+    return result
+
+
+def delete_checkpoint(ckpt_dir: Path, step: int, *, dry_run: bool = False,
+                      unlink: Callable[[Path], None] = os.unlink) -> tuple[int, list[str]]:
+    """Delete one checkpoint, meta first. Returns (bytes freed, error lines)."""
+    files = layout.files_of(ckpt_dir, step)
+    meta = layout.meta_path(ckpt_dir, step)
+    # meta, then the optimizer files, then the model: the weights go last
+    order = sorted(files, key=lambda p: (p != meta, p.name.startswith("model_"), p.name))
+    freed, errors = 0, []
+    for i, path in enumerate(order):
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            continue
+        except OSError:
+            size = 0
+        if dry_run:
+            freed += size
+            continue
+        try:
+            unlink(path)
+            freed += size
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            msg = f"{path}: cannot delete: {e.strerror or e}"
+            log.warning("retention: %s", msg)
+            errors.append(msg)
+            if path == meta:
+                # the checkpoint is still complete: deleting its weights would tear it
+                msg = f"{ckpt_dir.name} step {step}: left whole because its meta could not be deleted"
+                errors.append(msg)
+                return freed, errors
+        if path == meta and i == 0:
+            fsync_dir(ckpt_dir)  # the marker is gone on disk before any weights are
+    return freed, errors
+
+
+def last_modified(ckpt_dir: Path, step: int) -> float:
+    """Newest mtime among a step's files and any temp file being written for it."""
+    names = [p.name for p in layout.files_of(ckpt_dir, step)]
+    tag = f"_{step:06d}"
+    try:
+        names += [n for n in os.listdir(ckpt_dir) if layout.is_temp(Path(n)) and tag in n]
+    except OSError:
+        pass
+    newest = 0.0
+    for n in names:
+        try:
+            newest = max(newest, os.stat(Path(ckpt_dir) / n).st_mtime)
+        except OSError:
+            pass
+    return newest
+
+
+def why_incomplete(ckpt_dir: Path, step: int, *, optim_ranks: int | None = None) -> str | None:
+    """For display only (`nanod checkpoints`): None when layout.is_complete says complete, else why not."""
+    if layout.is_complete(ckpt_dir, step, optim_ranks=optim_ranks):
+        return None
+    meta_file = layout.meta_path(ckpt_dir, step)
+    meta = layout.read_meta(ckpt_dir, step)
+    if meta is None:
+        return "no meta (being written or torn)" if not meta_file.exists() else "meta unreadable (torn)"
+    if not _non_empty(layout.model_path(ckpt_dir, step)):
+        return "model file missing or empty"
+    ranks = layout.expected_ranks(meta) if optim_ranks is None else optim_ranks
+    missing = [r for r in range(ranks) if not _non_empty(layout.optim_path(ckpt_dir, step, r))]
+    return f"optimizer file missing or empty (rank {', '.join(map(str, missing))})" if missing else "incomplete"
+
+
+def _non_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
