@@ -9,7 +9,9 @@ inbox does) nor start anything.
 """
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,7 +32,20 @@ ArgValue = str | bool | int | float
 
 
 class JobFileError(ValueError):
-    """A job file that cannot become a job; str() is the one-line reason."""
+    """A job file that cannot become a job; str() is the one-line reason.
+
+    The reason goes into `<file>.rejected` and `nanod status`, and it can quote
+    the file (a key name, a value), so it is forced onto one short line here.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(one_line(reason))
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """`text` with control characters escaped (a quoted key may hold a newline) and cut to `limit`."""
+    text = re.sub(r"[\x00-\x1f\x7f\u2028\u2029]", lambda m: repr(m.group())[1:-1], str(text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -180,7 +195,13 @@ def parse_job(data: object, *, default_name: str) -> JobSpec:
         data["phases"] = [{k: data.pop(k) for k in ("phase", "args") if k in data}]
         if "phase_env" in data:
             data["phases"][0]["env"] = data.pop("phase_env")
-    data.setdefault("name", default_name)
+    if "name" not in data:
+        try:
+            check_name(default_name)
+        except ValueError:
+            raise JobFileError(f"the file name {default_name!r} is not a valid job name "
+                               "(lowercase a-z, 0-9, '.', '_', '-'); add a name: field or rename the file") from None
+        data["name"] = default_name
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:
@@ -191,39 +212,143 @@ def load_job_file(path: Path, *, max_bytes: int = MAX_JOB_FILE_BYTES) -> JobSpec
     """Read, parse and validate one job file. Raises JobFileError naming the file."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
+        # O_NONBLOCK: `nanod check some.fifo` must not hang waiting for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as e:
         raise JobFileError(f"{path.name}: cannot read: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise JobFileError(f"{path.name}: not a regular file")
+        raw = read_at_most(fd, max_bytes + 1)
+    except OSError as e:
+        raise JobFileError(f"{path.name}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    return parse_job_bytes(raw, filename=path.name, max_bytes=max_bytes)
+
+
+def read_at_most(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes from `fd`: a huge file is never read whole."""
+    chunks, got = [], 0
+    while got < limit:
+        chunk = os.read(fd, min(65536, limit - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def parse_job_bytes(raw: bytes, *, filename: str, max_bytes: int = MAX_JOB_FILE_BYTES) -> JobSpec:
+    """A JobSpec from a job file's bytes; the name defaults to the file name's stem."""
     if len(raw) > max_bytes:
-        raise JobFileError(f"{path.name}: larger than {max_bytes} bytes; a job file is a few lines")
+        raise JobFileError(f"{filename}: larger than {max_bytes} bytes; a job file is a few lines")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise JobFileError(f"{path.name}: not UTF-8 text (byte {e.start})") from None
+        raise JobFileError(f"{filename}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise JobFileError(f"{filename}: the file is empty")
     try:
-        data = yaml.safe_load(text)
+        check_yaml_shape(text)
+        data = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise JobFileError(f"{path.name}: invalid YAML{where}: {problem}") from None
+        problem = getattr(e, "problem", None) or (str(e).splitlines() or ["?"])[0]
+        if mark is not None and "\t" in text.splitlines()[mark.line:mark.line + 1][0][:mark.column + 1]:
+            problem += " (a tab: YAML indents with spaces only)"
+        raise JobFileError(f"{filename}: invalid YAML{where}: {problem}") from None
     except RecursionError:
-        raise JobFileError(f"{path.name}: invalid YAML: nested too deeply") from None
-    stem = path.name.rsplit(".", 1)[0]
+        raise JobFileError(f"{filename}: invalid YAML: nested too deeply") from None
+    stem = filename.rsplit(".", 1)[0]
     try:
         return parse_job(data, default_name=stem)
     except JobFileError as e:
-        raise JobFileError(f"{path.name}: {e}") from None
+        raise JobFileError(f"{filename}: {e}") from None
+
+
+# ---- YAML guards ------------------------------------------------------------------
+# yaml.safe_load shares aliased nodes, but validating (or dumping) the result walks
+# every expansion: ten nested aliases of ten items each ("billion laughs") is 10^10
+# nodes. So the event stream is checked first, in one flat pass, before anything is
+# built: one document, bounded depth, bounded alias expansion, no duplicate keys
+# (PyYAML silently keeps the last one, so a repeated key would be a silent default).
+_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_YAML_DEPTH = 16            # a plan is ~5 deep (phases -> phase -> args -> value)
+MAX_YAML_NODES = 20_000        # after expanding aliases; a plan has ~100
+
+
+class _YamlShapeError(yaml.YAMLError):
+    def __init__(self, problem: str, mark=None):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+def check_yaml_shape(text: str) -> None:
+    """Raise a YAMLError for what safe_load would accept but a job file must not hold."""
+    documents, nodes, anchors = 0, 0, {}
+    stack: list[list] = []  # per open collection: [nodes inside, anchor, keys seen or None, expecting a key]
+
+    def add_node(size: int, key: object, mark) -> None:
+        nonlocal nodes
+        nodes += size
+        if nodes > MAX_YAML_NODES:
+            raise _YamlShapeError(f"more than {MAX_YAML_NODES} values once aliases are expanded "
+                                  "(a YAML bomb?)", mark)
+        if stack:
+            frame = stack[-1]
+            frame[0] += size
+            if frame[2] is not None:  # a mapping: alternate key, value
+                if frame[3] and key is not None:
+                    if key in frame[2]:
+                        raise _YamlShapeError(f"duplicate key {key!r}", mark)
+                    frame[2].add(key)
+                frame[3] = not frame[3]
+
+    for event in yaml.parse(text, Loader=_YamlLoader):
+        mark = event.start_mark
+        if isinstance(event, yaml.DocumentStartEvent):
+            documents += 1
+            if documents > 1:
+                raise _YamlShapeError("more than one YAML document (---); put one job in each file", mark)
+        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            if len(stack) >= MAX_YAML_DEPTH:
+                raise _YamlShapeError(f"nested more than {MAX_YAML_DEPTH} levels deep", mark)
+            is_map = isinstance(event, yaml.MappingStartEvent)
+            stack.append([1, event.anchor, set() if is_map else None, True])
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            size, anchor, _, _ = stack.pop()
+            if anchor:
+                anchors[anchor] = size
+            nodes -= size - 1  # its contents are counted already; add_node adds it whole to its parent
+            add_node(size, None, mark)
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor:
+                anchors[event.anchor] = 1
+            add_node(1, event.value, mark)
+        elif isinstance(event, yaml.AliasEvent):
+            add_node(anchors.get(event.anchor, 1), ("alias", event.anchor), mark)
+
+
+_UNION_MEMBERS = {"str": "a string", "bool": "true/false", "int": "an integer", "float": "a number"}
 
 
 def _one_line(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:3]:
-        loc = ".".join(str(x) for x in err["loc"])
+    """The first few errors, each as `field.path: problem (got value)`."""
+    found: dict[str, str] = {}
+    for err in e.errors():
+        loc = [str(x) for x in err["loc"]]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    more = f" (+{e.error_count() - 3} more)" if e.error_count() > 3 else ""
+        elif loc and loc[-1] in _UNION_MEMBERS and err["type"].endswith("_type"):
+            # an arg value fails each member of str | bool | int | float: say it once
+            loc, msg = loc[:-1], "must be a string, number or true/false"
+        if err["type"] not in ("extra_forbidden", "missing", "value_error") and "input" in err and loc:
+            shown = repr(err["input"])
+            msg += f" (got {shown if len(shown) <= 40 else shown[:37] + '...'})"
+        found.setdefault(".".join(loc), msg)
+    parts = [f"{loc}: {msg}" if loc else msg for loc, msg in list(found.items())[:3]]
+    more = f" (+{len(found) - 3} more)" if len(found) > 3 else ""
     return "; ".join(parts) + more
