@@ -215,12 +215,113 @@ def why_incomplete(ckpt_dir: Path, step: int, *, optim_ranks: int | None = None)
     meta_file = layout.meta_path(ckpt_dir, step)
     meta = layout.read_meta(ckpt_dir, step)
     if meta is None:
-        return "no meta (being written or torn)" if not meta_file.exists() else "meta unreadable (torn)"
+        return "no meta: being written, or torn" if not meta_file.exists() else "meta unreadable: torn"
     if not _non_empty(layout.model_path(ckpt_dir, step)):
         return "model file missing or empty"
     ranks = layout.expected_ranks(meta) if optim_ranks is None else optim_ranks
     missing = [r for r in range(ranks) if not _non_empty(layout.optim_path(ckpt_dir, step, r))]
     return f"optimizer file missing or empty (rank {', '.join(map(str, missing))})" if missing else "incomplete"
+
+
+# ---- which directories a job owns, and what in them must stay ------------------------------
+
+@dataclass
+class DirPolicy:
+    """One checkpoint directory with the retention that applies to it (merged over the jobs that use it)."""
+
+    path: Path
+    phase: str
+    jobs: list[str] = field(default_factory=list)
+    keep_last: int | None = None
+    keep_every: int | None = None
+    protect: dict[int, str] = field(default_factory=dict)  # step -> why (one line)
+    keep_all: bool = False                                 # some job using it has keep_last unset
+
+
+def _as_dict(record) -> dict:
+    return record.to_dict() if hasattr(record, "to_dict") else dict(record)
+
+
+def job_dirs(root: Path, record) -> list[tuple[str, Path]]:
+    """(phase, checkpoint dir) for each phase of a job record's plan."""
+    from daemon.spec import JobSpec
+    rec = _as_dict(record)
+    spec = rec.get("spec") or {}
+    try:
+        tag = JobSpec.model_validate(spec).resolved_model_tag
+    except Exception:
+        tag = spec.get("model_tag") if isinstance(spec.get("model_tag"), str) else None
+    if not tag:
+        return []
+    phases = [p.get("phase") for p in spec.get("phases") or [] if isinstance(p, dict)]
+    return [(ph, layout.checkpoint_dir(root, ph, tag)) for ph in phases if ph in layout.PHASE_DIRS]
+
+
+def protected_steps(root: Path, records) -> dict[Path, dict[int, str]]:
+    """Steps no prune may delete, per directory, over all job records: the final
+    checkpoint of each completed phase, and the current attempt's resumed_from and
+    init_from (init_from is protected in every directory it may come from)."""
+    out: dict[Path, dict[int, str]] = {}
+    for record in records:
+        rec = _as_dict(record)
+        dirs = dict(job_dirs(root, rec))
+        name = rec.get("name", "?")
+        for phase, step in (rec.get("phase_final_steps") or {}).items():
+            if phase in dirs and isinstance(step, int):
+                out.setdefault(dirs[phase], {})[step] = f"final checkpoint of {name}'s {phase} phase"
+        attempts = rec.get("attempts") or []
+        att = attempts[-1] if attempts and isinstance(attempts[-1], dict) else None
+        if att and rec.get("state") not in ("done", "failed", "cancelled"):
+            phase = att.get("phase")
+            if isinstance(att.get("resumed_from"), int) and phase in dirs:
+                out.setdefault(dirs[phase], {})[att["resumed_from"]] = f"{name} attempt {att.get('n')} resumed from it"
+            if isinstance(att.get("init_from"), int):
+                for prev in layout.PREVIOUS_PHASES.get(phase, ()):
+                    d = dirs.get(prev) or _tag_dir(root, prev, dirs)
+                    if d:
+                        out.setdefault(d, {}).setdefault(att["init_from"], f"{name}'s {phase} phase starts from it")
+    return out
+
+
+def _tag_dir(root: Path, phase: str, dirs: dict[str, Path]) -> Path | None:
+    # a plan without that phase still starts from its checkpoints under the same model_tag
+    any_dir = next(iter(dirs.values()), None)
+    return layout.checkpoint_dir(root, phase, any_dir.name) if any_dir is not None else None
+
+
+def dir_policies(root: Path, records, only: str | None = None) -> list[DirPolicy]:
+    """The checkpoint directories of the jobs (or of job `only`), each with merged retention:
+    the largest keep_last, the gcd of keep_every (a superset of every job's milestones),
+    and the protected steps of all jobs."""
+    from math import gcd
+    records = [_as_dict(r) for r in records]
+    protect = protected_steps(root, records)
+    policies: dict[Path, DirPolicy] = {}
+    everies: dict[Path, list[int]] = {}
+    for rec in records:
+        ret = (rec.get("spec") or {}).get("retention") or {}
+        keep_last = ret.get("keep_last", 3)
+        for phase, d in job_dirs(root, rec):
+            pol = policies.get(d)
+            if pol is None:
+                pol = policies[d] = DirPolicy(path=d, phase=phase, protect=dict(protect.get(d, {})))
+            pol.jobs.append(rec.get("name", "?"))
+            if keep_last is None:
+                pol.keep_all = True
+            else:
+                pol.keep_last = max(pol.keep_last or 0, keep_last)
+            if ret.get("keep_every"):
+                everies.setdefault(d, []).append(ret["keep_every"])
+    for d, pol in policies.items():
+        if everies.get(d):
+            g = 0
+            for e in everies[d]:
+                g = gcd(g, e)
+            pol.keep_every = g
+    out = list(policies.values())
+    if only is not None:
+        out = [p for p in out if only in p.jobs]
+    return out
 
 
 def _non_empty(path: Path) -> bool:

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from daemon import retention
+from daemon.atomic import write_json_atomic
+from daemon.queue import Attempt, JobRecord, JobState
+from daemon.spec import parse_job
 from daemon.retention import plan_prune, prune_dir
 from trainer import layout
 
@@ -290,6 +293,115 @@ def test_why_incomplete_names_the_missing_part(tmp_path):
     layout.optim_path(d, 5, 1).unlink()
     assert retention.why_incomplete(d, 1) is None
     assert "no meta" in retention.why_incomplete(d, 2)
-    assert "torn" in retention.why_incomplete(d, 3)
+    assert "unreadable" in retention.why_incomplete(d, 3)
     assert "model" in retention.why_incomplete(d, 4)
     assert "rank 1" in retention.why_incomplete(d, 5)
+
+
+# ---- nanod prune / nanod checkpoints, as a user runs them ----------------------------------------------
+
+def nanod(home: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(root), "NANOD_LOCK_DIR": str(home.parent / "locks")}
+    # not `-m daemon.cli`: as __main__ its UserError would be a second class, not the one commands raise
+    cli = "import sys; from daemon.cli import main; sys.exit(main())"
+    return subprocess.run([PYTHON, "-c", cli, "--home", str(home), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def write_job(home: Path, *, state=JobState.RUNNING, final=None, resumed_from=None, init_from=None,
+              phase="mid", keep_last=2) -> None:
+    spec = parse_job({"model_tag": "d4", "retention": {"keep_last": keep_last},
+                      "phases": [{"phase": "base", "args": {"depth": 4}}, {"phase": "mid"}]}, default_name="tiny")
+    rec = JobRecord(name="tiny", seq=1, spec=spec.model_dump(mode="json"), state=state,
+                    phase_final_steps=final or {},
+                    attempts=[Attempt(n=1, phase=phase, resumed_from=resumed_from, init_from=init_from)])
+    (home / "state" / "jobs").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(home / "state" / "jobs" / "tiny.json", rec.to_dict())
+
+
+def test_prune_dry_run_deletes_nothing_and_prints_the_plan(tmp_path):
+    root, home = tmp_path / "nanochat", tmp_path / "home"
+    base = layout.checkpoint_dir(root, "base", "d4")
+    for s in (10, 20, 30, 40):
+        write_ckpt(base, s)
+    write_job(home, final={"base": 40})
+    names = sorted(os.listdir(base))
+    r = nanod(home, root, "prune", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(base)) == names
+    assert "base_checkpoints/d4 (job tiny): keep_last 2" in r.stdout
+    assert "would delete step 10" in r.stdout and "would delete step 20" in r.stdout
+    assert "would free" in r.stdout and "step 30" not in r.stdout.replace("kept step 30", "")
+
+
+def test_prune_protects_final_steps_and_the_checkpoint_being_resumed_from(tmp_path):
+    root, home = tmp_path / "nanochat", tmp_path / "home"
+    base = layout.checkpoint_dir(root, "base", "d4")
+    mid = layout.checkpoint_dir(root, "mid", "d4")
+    for s in (10, 20, 30, 40):
+        write_ckpt(base, s)
+    write_ckpt(base, 50, meta=None)                       # a newer torn one: left alone
+    for s in (5, 10, 15, 20, 25):
+        write_ckpt(mid, s)
+    write_job(home, final={"base": 10}, resumed_from=15, init_from=10)
+    expected = sum(layout.size_of(mid, s) for s in (5, 10)) + layout.size_of(base, 20)
+    r = nanod(home, root, "prune")
+    assert r.returncode == 0, r.stderr
+    assert layout.list_steps(base) == [10, 30, 40, 50]
+    assert layout.list_steps(mid) == [15, 20, 25]
+    assert "kept step 10: final checkpoint of tiny's base phase" in r.stdout
+    assert "kept step 15: tiny attempt 1 resumed from it" in r.stdout
+    assert f"freed {retention_size(expected)}" in r.stdout
+
+
+def retention_size(n):
+    from daemon.units import format_size
+    return format_size(n)
+
+
+def test_prune_one_job_by_name_and_unknown_name_is_a_user_error(tmp_path):
+    root, home = tmp_path / "nanochat", tmp_path / "home"
+    write_job(home)
+    r = nanod(home, root, "prune", "nope")
+    assert r.returncode == 2 and "no job named 'nope'" in r.stderr
+
+
+def test_prune_without_jobs_needs_an_explicit_dir_and_keep_last(tmp_path):
+    root, home = tmp_path / "nanochat", tmp_path / "home"
+    d = tmp_path / "somewhere" / "base_checkpoints" / "d20"
+    for s in range(100, 600, 100):
+        write_ckpt(d, s, nanod=False)
+    r = nanod(home, root, "prune")
+    assert r.returncode == 2 and "--dir PATH --keep-last N" in r.stderr
+    assert nanod(home, root, "prune", "--dir", str(d)).returncode == 2
+    r = nanod(home, root, "prune", "--dir", str(d), "--keep-last", "1")
+    assert r.returncode == 2 and "at least 2" in r.stderr
+    r = nanod(home, root, "prune", "--dir", str(d), "--keep-last", "2", "--keep-every", "200")
+    assert r.returncode == 0, r.stderr
+    assert layout.list_steps(d) == [200, 400, 500]
+    assert "deleted step 100" in r.stdout and "deleted step 300" in r.stdout
+
+
+def test_checkpoints_lists_completeness_protection_and_what_prune_would_do(tmp_path):
+    root, home = tmp_path / "nanochat", tmp_path / "home"
+    base = layout.checkpoint_dir(root, "base", "d4")
+    for s in (10, 20, 30, 40):
+        write_ckpt(base, s)
+    write_ckpt(base, 50, meta=None)
+    write_job(home, final={"base": 10})
+    r = nanod(home, root, "checkpoints")
+    assert r.returncode == 0, r.stderr
+    lines = {int(l.split()[1]): l for l in r.stdout.splitlines() if l.strip().startswith("step")}
+    assert "protected: final checkpoint of tiny's base phase" in lines[10]
+    assert "prune would delete" in lines[20]
+    assert "kept: newest, last-N" in lines[40]
+    assert "INCOMPLETE (no meta" in lines[50]
+    assert nanod(home, root, "checkpoints", "tiny").returncode == 0
+    assert len(list(base.iterdir())) == 4 * 3 + 2      # read-only
+
+
+def test_checkpoints_without_jobs_lists_nanochat_dirs(tmp_path):
+    root, home = tmp_path / "nanochat", tmp_path / "home"
+    write_ckpt(layout.checkpoint_dir(root, "base", "d20"), 100, nanod=False)
+    r = nanod(home, root, "checkpoints")
+    assert r.returncode == 0 and "base_checkpoints/d20" in r.stdout and "complete" in r.stdout
