@@ -1,0 +1,455 @@
+"""What `nanod status` shows, built once from files on disk: the JSON *is* this view.
+
+`build_view(settings)` reads the durable state (state/daemon.json, the job
+records, state/events.jsonl, rejected files in the inbox, the GPU lock's holder
+file, the latest health snapshot) and returns one plain dict, schema 1
+(docs/status-json.md). `nanod status --json` prints it; the text screen is
+rendered from it, so the two never disagree.
+
+It never asks the daemon anything and never changes a file: it works the same
+whether the daemon is up, hung or dead, and must stay cheap (status < 0.3 s),
+so nothing heavy is imported here. Liveness (is a pid alive, is a lock held,
+how much disk is free) goes through a `Probe`, so tests can feed prepared
+state directories a fixed world.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+SCHEMA = 1
+JOB_STATES = ("queued", "waiting", "running", "backing_off", "paused", "done", "failed", "cancelled")
+ACTIVE_STATES = ("running", "backing_off", "paused", "waiting")  # in the order "current" is chosen
+FINISHED_STATES = ("done", "failed", "cancelled")
+HEARTBEAT_STALE_S = 60.0    # a live daemon writes daemon.json every tick (0.5 s); a minute is a hang
+RECENT_EVENTS = 12          # how many events the view keeps
+LOSS_POINTS = 200           # recent (step, loss) pairs kept per job
+# job events worth showing among the recent ones (progress chatter is not)
+NOTABLE_KINDS = {"rejected", "failed", "crashed", "oom", "oom_backoff", "stalled", "restart", "relaunch",
+                 "gave_up", "paused", "disk_low", "health_warning", "daemon_start", "daemon_stop",
+                 "cancelled", "done", "error", "survivor", "bad_args"}
+
+
+# ---- the outside world (replaced by a fixed one in tests) ---------------------------
+class Probe:
+    """Liveness and disk readings of the real machine; read-only."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def pid_alive(self, pid: object, proc_start: object = None) -> bool:
+        """Does `pid` exist (and, given /proc/<pid>/stat's start time, is it still that process)?"""
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        except OSError:
+            return False
+        if isinstance(proc_start, int) and not isinstance(proc_start, bool):
+            return _proc_start(pid) in (None, proc_start)  # a reused pid is not our trainer
+        return True
+
+    def lock_held(self, path: Path) -> bool:
+        return lock_is_held(path)
+
+    def disk_usage(self, path: Path) -> dict | None:
+        p = Path(path)
+        while not p.exists() and p != p.parent:
+            p = p.parent  # the checkpoint root may not exist yet: its filesystem does
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            return None
+        return {"free": st.f_bavail * st.f_frsize, "total": st.f_blocks * st.f_frsize}
+
+    def process_command(self, pid: object) -> str:
+        try:
+            with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+                return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, TypeError):
+            return ""
+
+    def health(self, settings) -> dict | None:
+        try:
+            from daemon import health
+        except ImportError:
+            return None  # health.py not built: status still works without VRAM readings
+        try:
+            return health.read_latest(settings)
+        except Exception:
+            return None  # a torn or old snapshot must never break status
+
+
+def _proc_start(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, counted after the comm
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def lock_is_held(path: Path) -> bool:
+    """Is an flock/POSIX lock held on `path` by anyone, without taking it?
+
+    /proc/locks names the device and inode of every lock; looking there cannot
+    make a starting daemon fail to get its lock, as a try-lock could. Where
+    /proc/locks cannot say (unreadable, or a filesystem whose device numbers
+    differ there), a non-blocking flock is tried and released at once.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False  # no lock file: nobody has ever held it
+    try:
+        with open("/proc/locks", "rb") as f:
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return _try_flock(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    ambiguous = False
+    for line in text.splitlines():
+        fields = line.split()
+        if "->" in fields:
+            continue  # a waiter, not a holder
+        for field in fields:
+            parts = field.split(":")
+            if len(parts) == 3 and parts[2].isdigit() and int(parts[2]) == st.st_ino:
+                if f"{parts[0]}:{parts[1]}" == dev:
+                    return True
+                ambiguous = True
+    return _try_flock(path) if ambiguous else False
+
+
+def _try_flock(path: Path) -> bool:
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+# ---- reading files ------------------------------------------------------------------
+def _read_json(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_job_records(settings) -> list[dict]:
+    """Every job record, in queue order (priority high to low, then seq).
+
+    The JSON is read here rather than through queue.list_jobs: importing
+    queue.py brings in the job-spec models (pydantic, yaml), 40 ms of status's
+    300 ms. The schema is docs/architecture.md's; a test checks that records
+    queue.py writes read the same here.
+    """
+    jobs = []
+    try:
+        names = sorted(os.listdir(settings.state_dir / "jobs"))
+    except OSError:
+        names = []
+    for n in names:
+        if n.endswith(".json") and not n.startswith("."):
+            rec = _read_json(settings.state_dir / "jobs" / n)
+            if rec and isinstance(rec.get("name"), str) and _num(rec.get("schema"), 1) <= SCHEMA:
+                jobs.append(rec)
+    jobs.sort(key=lambda r: (-_num(r.get("priority"), 0), _num(r.get("seq"), 0)))
+    return jobs
+
+
+def read_events_tail(path: Path, limit: int = 64, max_bytes: int = 65536) -> list[dict]:
+    """The last `limit` events of a JSON-lines file, reading at most its last `max_bytes`."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return []
+    lines = data.splitlines()
+    if size > max_bytes and lines:
+        lines = lines[1:]  # the first line may be cut in half
+    events = []
+    for line in lines[-limit:]:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict):
+            events.append(ev)
+    return events
+
+
+def read_rejected(inbox: Path) -> list[dict]:
+    """Rejected inbox files still lying there, each with its one-line reason."""
+    out = []
+    try:
+        entries = sorted(os.scandir(inbox), key=lambda e: e.name)
+    except OSError:
+        return out
+    for e in entries:
+        if e.name.endswith(".rejected") and not e.name.startswith("."):
+            try:
+                with open(e.path, "rb") as f:
+                    reason = f.read(2000).decode(errors="replace").strip().splitlines()
+                at = e.stat().st_mtime
+            except OSError:
+                continue
+            out.append({"file": e.name[: -len(".rejected")], "reason": reason[0] if reason else "", "at": at})
+    return out
+
+
+# ---- building the view -----------------------------------------------------------------
+def build_view(settings, *, probe: Probe | None = None) -> dict:
+    """The whole status, schema 1 (docs/status-json.md)."""
+    probe = probe or Probe()
+    now = probe.now()
+    records = read_job_records(settings)
+    jobs = [job_view(r, now) for r in records]
+    for j in jobs:  # a trainer can outlive the daemon (it holds the GPU lock): say whether it does
+        a = j["attempt"]
+        if a is not None:
+            a["alive"] = (probe.pid_alive(a.get("pid"), a.get("proc_start"))
+                          if a.get("ended_at") is None and a.get("pid") else None)
+    current = next((j["name"] for s in ACTIVE_STATES for j in jobs if j["state"] == s), None)
+    health = probe.health(settings)
+    daemon = daemon_view(settings, probe, now)
+    events = _recent_events(settings, records)
+    return {
+        "schema": SCHEMA,
+        "generated_at": now,
+        "home": str(settings.home),
+        "daemon": daemon,
+        "current": current,
+        "jobs": jobs,
+        "gpus": gpus_view(settings, probe, records, health, jobs),
+        "disk": [dict(role=role, path=str(path), **(probe.disk_usage(path) or {"free": None, "total": None}))
+                 for role, path in (("checkpoints", settings.checkpoint_root), ("home", settings.home))],
+        "health": _health_summary(health, now),
+        "rejected": read_rejected(settings.inbox_dir),
+        "events": events,
+    }
+
+
+def daemon_view(settings, probe: Probe, now: float) -> dict:
+    info = _read_json(settings.state_dir / "daemon.json") or {}
+    pid = info.get("pid")
+    alive = probe.pid_alive(pid)
+    held = probe.lock_held(settings.state_dir / "daemon.lock")
+    up = alive and held
+    started, beat = _opt_num(info.get("started_at")), _opt_num(info.get("heartbeat_at"))
+    beat_age = _age(now, beat)
+    stale = up and beat_age is not None and beat_age > HEARTBEAT_STALE_S
+    if up:
+        summary = f"up, pid {pid}" + (", but its loop has not ticked recently (hung?)" if stale else "")
+    elif not info:
+        summary = "down: it has never run in this home" if not held else "down: the lock is held but no daemon.json"
+    elif alive and not held:
+        summary = f"down: pid {pid} is alive but does not hold state/daemon.lock (not nanod)"
+    else:
+        summary = f"down: pid {pid} is not running" + ("" if not held else "; something else holds the lock")
+    return {
+        "up": up,
+        "summary": summary,
+        "pid": pid if isinstance(pid, int) else None,
+        "pid_alive": alive,
+        "lock_held": held,
+        "started_at": started,
+        "uptime_s": _age(now, started) if up else None,
+        "heartbeat_at": beat,
+        "heartbeat_age_s": beat_age,
+        "heartbeat_stale": stale,
+        "version": info.get("version"),
+        "inbox": str(settings.inbox_dir),
+        "inbox_mode": info.get("inbox_mode") if up else None,
+        "inbox_mode_reason": (info.get("inbox_mode_reason") or "") if up else "",
+    }
+
+
+def job_view(rec: dict, now: float) -> dict:
+    spec = rec.get("spec") if isinstance(rec.get("spec"), dict) else {}
+    phases = [p.get("phase") for p in spec.get("phases", []) if isinstance(p, dict)]
+    index = int(_num(rec.get("phase_index"), 0))
+    state = rec.get("state") if rec.get("state") in JOB_STATES else "queued"
+    attempts = [a for a in rec.get("attempts") or [] if isinstance(a, dict)]
+    last = attempts[-1] if attempts else None
+    phase_name = phases[index] if 0 <= index < len(phases) else (last or {}).get("phase")
+    recovery = spec.get("recovery") if isinstance(spec.get("recovery"), dict) else {}
+    events = [e for e in rec.get("events") or [] if isinstance(e, dict)]
+    dbs = rec.get("device_batch_size") if isinstance(rec.get("device_batch_size"), dict) else {}
+    working_dbs = dbs.get(phase_name) if phase_name else None
+    if working_dbs is None and last is not None:
+        working_dbs = last.get("device_batch_size")
+    return {
+        "name": rec.get("name"),
+        "state": state,
+        "state_since": _opt_num(rec.get("state_since")),
+        "reason": rec.get("reason") or "",
+        "priority": rec.get("priority", 0),
+        "seq": rec.get("seq"),
+        "submitted_at": _opt_num(rec.get("submitted_at")),
+        "source": rec.get("source"),
+        "model_tag": spec.get("model_tag"),
+        "gpu": spec.get("gpu", 0),
+        "phase": {"index": index, "count": len(phases), "name": phase_name, "names": phases},
+        "progress": _progress_view(rec, state, last, now),
+        "checkpoint": _checkpoint_view(rec.get("checkpoint"), now),
+        "attempts": len(attempts),
+        "restarts": sum(1 for prev in attempts[:-1] if prev.get("outcome") != "completed"),
+        "restarts_without_progress": rec.get("restarts_without_progress", 0),
+        "max_restarts_without_progress": recovery.get("max_restarts_without_progress"),
+        "oom_backoffs": sum(1 for e in events if e.get("kind") == "oom_backoff"),
+        "device_batch_size": working_dbs,
+        "next_attempt_at": _opt_num(rec.get("next_attempt_at")),
+        "attempt": _attempt_view(last),
+        "error": _last_error(rec, attempts) if state == "failed" else "",
+    }
+
+
+def _progress_view(rec: dict, state: str, last: dict | None, now: float) -> dict | None:
+    p = rec.get("progress")
+    if not isinstance(p, dict) or p.get("step") is None:
+        return None
+    step, total = _num(p.get("step"), 0), _opt_num(p.get("total"))
+    dt_ms = _opt_num(p.get("dt_ms"))
+    at = _opt_num(p.get("at"))
+    eta = None
+    if state == "running" and total:
+        remaining = max(0.0, total - step)
+        if dt_ms:
+            eta = remaining * dt_ms / 1000.0
+        elif last and at and last.get("started_at"):
+            done = step - _num(last.get("first_step") or last.get("resumed_from"), 0)
+            if done > 0:
+                eta = remaining * (at - _num(last["started_at"], at)) / done
+    losses = [[int(s), float(v)] for s, v in (p.get("losses") or [])[-LOSS_POINTS:]
+              if isinstance(s, (int, float)) and isinstance(v, (int, float))]
+    return {
+        "phase": p.get("phase"),
+        "step": int(step),
+        "total": None if total is None else int(total),
+        "percent": None if not total else round(100.0 * step / total, 2),
+        "loss": _opt_num(p.get("loss")),
+        "tok_per_sec": _opt_num(p.get("tok_per_sec")),
+        "dt_ms": dt_ms,
+        "peak_mem_gib": _opt_num(p.get("peak_mem_gib")),
+        "at": at,
+        "age_s": _age(now, at),
+        "eta_s": None if eta is None else round(eta, 1),
+        "losses": losses,
+    }
+
+
+def _checkpoint_view(c: object, now: float) -> dict | None:
+    if not isinstance(c, dict) or c.get("step") is None:
+        return None
+    at = _opt_num(c.get("at"))
+    return {"phase": c.get("phase"), "step": c.get("step"), "at": at, "bytes": c.get("bytes"),
+            "age_s": _age(now, at)}
+
+
+def _attempt_view(a: dict | None) -> dict | None:
+    if a is None:
+        return None
+    return {k: a.get(k) for k in ("n", "phase", "pid", "proc_start", "started_at", "ended_at", "outcome", "exit_code",
+                                   "resumed_from", "device_batch_size", "log", "error")}
+
+
+def _last_error(rec: dict, attempts: list[dict]) -> str:
+    for a in reversed(attempts):
+        if a.get("error"):
+            return str(a["error"]).splitlines()[0]
+    return rec.get("reason") or ""
+
+
+def gpus_view(settings, probe: Probe, records: list[dict], health: dict | None, jobs: list[dict]) -> list[dict]:
+    """Each GPU that matters: index 0, those a live job uses, those health saw; lock holder and VRAM."""
+    readings = {}
+    gpu = (health or {}).get("gpu") if isinstance((health or {}).get("gpu"), dict) else {}
+    for g in gpu.get("gpus") or []:
+        if isinstance(g, dict):
+            readings[int(_num(g.get("index"), 0))] = g
+    indices = {0} | set(readings)
+    indices |= {int(_num(j["gpu"], 0)) for j in jobs if j["state"] not in FINISHED_STATES}
+    at = _opt_num((health or {}).get("time"))
+    out = []
+    for i in sorted(indices):
+        path = settings.gpu_lock_path(i)
+        held = probe.lock_held(path)
+        holder = _read_json(path.with_name(path.name + ".holder.json")) if held else None
+        if holder is not None and not holder.get("command") and holder.get("pid"):
+            holder["command"] = probe.process_command(holder.get("pid"))
+        g = readings.get(i)
+        vram = None
+        if g is not None:
+            vram = {"name": g.get("name"), "used": _opt_num(g.get("used_bytes")),
+                    "total": _opt_num(g.get("total_bytes")), "free": _opt_num(g.get("free_bytes")),
+                    "util": _opt_num(g.get("util_percent")), "at": at}
+        out.append({"index": i, "lock": {"path": str(path), "held": held, "holder": holder}, "vram": vram})
+    return out
+
+
+def _health_summary(health: dict | None, now: float) -> dict | None:
+    """The latest snapshot's gist (daemon/health.py's schema; its full form is `nanod plot`'s)."""
+    if not health:
+        return None
+    at = _opt_num(health.get("time"))
+    gpu = health.get("gpu") if isinstance(health.get("gpu"), dict) else {}
+    ram = health.get("ram") if isinstance(health.get("ram"), dict) else {}
+    trainer = health.get("trainer") if isinstance(health.get("trainer"), dict) else {}
+    return {"at": at, "age_s": _age(now, at), "warnings": [str(w) for w in health.get("warnings") or []],
+            "gpu_source": gpu.get("source"), "gpu_note": gpu.get("note") or "",
+            "ram": {"total": _opt_num(ram.get("total_bytes")), "available": _opt_num(ram.get("available_bytes"))},
+            "trainer_rss": _opt_num(trainer.get("rss_bytes"))}
+
+
+def _recent_events(settings, records: list[dict]) -> list[dict]:
+    """Global events and each job's notable ones, newest last."""
+    merged = []
+    for ev in read_events_tail(settings.state_dir / "events.jsonl"):
+        merged.append({"at": _opt_num(ev.get("at")), "kind": str(ev.get("kind", "")), "job": ev.get("job"),
+                       "file": ev.get("file"), "attempt": None, "message": _one_line(ev.get("message"))})
+    for rec in records:
+        for ev in (rec.get("events") or [])[-RECENT_EVENTS:]:
+            if isinstance(ev, dict) and ev.get("kind") in NOTABLE_KINDS:
+                merged.append({"at": _opt_num(ev.get("at")), "kind": str(ev.get("kind")), "job": rec.get("name"),
+                               "file": None, "attempt": ev.get("attempt"), "message": _one_line(ev.get("message"))})
+    merged.sort(key=lambda e: e["at"] or 0.0)
+    return merged[-RECENT_EVENTS:]
+
+
+def _age(now: float, at: float | None) -> float | None:
+    return None if at is None else round(max(0.0, now - at), 1)
+
+
+def _one_line(message: object) -> str:
+    text = "" if message is None else str(message)
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _num(v: object, default: float) -> float:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+
+def _opt_num(v: object) -> float | None:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
