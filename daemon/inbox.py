@@ -304,6 +304,9 @@ class Inbox:
             spec = parse_job_bytes(raw, filename=name)
         except JobFileError as e:
             return self._reject_now(path, str(e), sig)
+        except Exception as e:  # a parser bug must cost one file, not the daemon (promise 8)
+            log.exception("inbox: reading %s", name)
+            return self._reject_now(path, f"{name}: cannot be read as a job ({type(e).__name__}: {e})", sig)
         other = self._claimed.get(spec.name)
         if other is not None and other != name and (self.dir / other).exists():
             return self._reject_now(path, f"{name}: job name {spec.name!r} is also used by {other} "

@@ -186,8 +186,10 @@ MAX_JOB_FILE_BYTES = 1 << 20
 
 def parse_job(data: object, *, default_name: str) -> JobSpec:
     """A JobSpec from parsed YAML; raises JobFileError with a one-line reason."""
+    if data is None:
+        raise JobFileError("the file holds no YAML (empty, or only comments)")
     if not isinstance(data, dict):
-        raise JobFileError(f"the top level must be a mapping, not {type(data).__name__}")
+        raise JobFileError(f"the top level must be a mapping (key: value lines), not a {type(data).__name__}")
     data = dict(data)
     if "phase" in data:  # a one-phase job
         if "phases" in data:
@@ -256,7 +258,8 @@ def parse_job_bytes(raw: bytes, *, filename: str, max_bytes: int = MAX_JOB_FILE_
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or (str(e).splitlines() or ["?"])[0]
-        if mark is not None and "\t" in text.splitlines()[mark.line:mark.line + 1][0][:mark.column + 1]:
+        line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
+        if "\t" in line[: mark.column + 1 if mark is not None else 0]:
             problem += " (a tab: YAML indents with spaces only)"
         raise JobFileError(f"{filename}: invalid YAML{where}: {problem}") from None
     except RecursionError:
