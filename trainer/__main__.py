@@ -1,0 +1,53 @@
+"""`python -m trainer {base,mid,sft} --key=value ...`: parse, resolve, train, exit with a code from exitcodes.
+
+Bad flags or data print one line (no traceback) and exit BAD_ARGS; out of
+memory exits OOM; a stop signal exits INTERRUPTED after the emergency
+checkpoint. Anything else is a crash and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+from trainer import exitcodes
+from trainer.cli import BadArgs, format_help, parse_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help") or "--help" in argv or "-h" in argv:
+        print(format_help())
+        return exitcodes.OK if argv else exitcodes.BAD_ARGS
+    try:
+        phase, opts, given = parse_args(argv)
+    except BadArgs as e:
+        return _bad(e)
+    # signals are recorded from here on: a stop during setup still ends cleanly
+    from trainer.train import StopFlag
+    stop = StopFlag().install()
+    import torch
+
+    from trainer.data import DataError
+    from trainer.faults import Faults
+    from trainer.setup import resolve_plan
+    from trainer.train import Trainer
+    try:
+        faults = Faults.from_env()
+        plan = resolve_plan(phase, opts, given)
+        return Trainer(plan, stop, faults).run()
+    except (BadArgs, DataError, ValueError) as e:
+        if isinstance(e, ValueError) and not str(e).startswith("NANOD_FAULT"):
+            raise
+        return _bad(e)
+    except torch.OutOfMemoryError:
+        print(f"out of memory before training started with device_batch_size={opts.device_batch_size}: "
+              "retry with a smaller --device_batch_size", file=sys.stderr, flush=True)
+        return exitcodes.OOM
+
+
+def _bad(e: Exception) -> int:
+    print(f"trainer: error: {e}", file=sys.stderr, flush=True)
+    return exitcodes.BAD_ARGS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The GPT: nanochat's architecture choices, written for nanod.
+
+Rotary position embeddings, QK-norm, ReLU^2 MLP, untied token embedding and
+head, parameter-free RMSNorm, tanh logit softcap, no biases. The shape comes
+from depth alone (width = depth x aspect_ratio, rounded up to whole heads),
+as nanochat sizes its models. This module knows nothing of optimizers,
+checkpoints or data.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def config_for_depth(depth: int, *, vocab_size: int, sequence_len: int, aspect_ratio: int = 64,
+                     head_dim: int = 128) -> GPTConfig:
+    """nanochat's sizing: width = depth x aspect_ratio rounded up to a multiple of head_dim."""
+    width = depth * aspect_ratio
+    width = ((width + head_dim - 1) // head_dim) * head_dim
+    heads = width // head_dim
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                     n_head=heads, n_kv_head=heads, n_embd=width)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    # RMSNorm without a learnable gain: one fewer thing to optimise, as nanochat found
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        # rotary then QK-norm: keeps attention logits bounded without a softmax temperature
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(norm(x), cos, sin)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    SOFTCAP = 15.0  # tanh logit cap: stops runaway logits early in training
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # rotary tables are derived, not learned: kept out of the state dict;
+        # 10x the training length so sft/inference may run a little longer
+        cos, sin = self._rotary_tables(cfg.sequence_len * 10, cfg.n_embd // cfg.n_head)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @staticmethod
+    def _rotary_tables(length: int, head_dim: int, base: float = 10000.0):
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        cfg = self.config
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.normal_(lin.weight, std=1.0 / math.sqrt(cfg.n_embd))
+            # residual outputs start at zero: each block begins as the identity
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (float32, softcapped) for token ids of shape (B, T)."""
+        T = idx.size(1)
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        x = norm(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.lm_head(norm(x)).float()
+        return self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

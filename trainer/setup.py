@@ -1,0 +1,249 @@
+"""Resolve a run before training: data, tokenizer, where to start from, shapes and batch.
+
+Everything that can be wrong with a request is found here, before the first
+step, and raised as BadArgs with a one-line reason (exit BAD_ARGS): missing
+data, no checkpoint to start mid/sft from, a resume whose model shape,
+sequence length or total batch differs from the checkpoint, a total batch
+that device_batch_size x row length does not divide. The result is a `Plan`;
+train.py builds the model from it and runs the loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer import layout
+from trainer.checkpoint import load_checkpoint, newest_usable
+from trainer.cli import BadArgs
+from trainer.data import DataError, DocSource, count_documents, count_stream_tokens, list_data_files
+from trainer.embedded import ensure_embedded_data
+from trainer.model import GPTConfig, config_for_depth
+from trainer.options import Options, phase_defaults
+from trainer.tokenizer import ChatTokenizer, load_tokenizer, save_tokenizer, tokenizer_path, train_tokenizer
+
+TOKENIZER_MAX_CHARS = 2_000_000_000  # text the tokenizer trains on at most (nanochat's tok_train default)
+TOKENIZER_DOC_CAP = 10_000           # characters taken from one document
+
+
+@dataclass
+class Plan:
+    phase: str
+    opts: Options
+    given: dict
+    root: Path
+    model_tag: str
+    ckpt_dir: Path
+    data_path: Path
+    source: DocSource
+    tok: ChatTokenizer
+    model_config: GPTConfig
+    seq_len: int             # row length: max_seq_len (base/mid) or max_tokens (sft)
+    device_batch_size: int
+    total_batch_size: int
+    grad_accum: int
+    num_iterations: int
+    schedule: dict
+    start_step: int = 0
+    resume: dict | None = None     # {"step", "model", "optim", "meta"} when resuming
+    init: dict | None = None       # {"phase", "step", "model", "meta"} for mid/sft started fresh
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_plan(phase: str, opts: Options, given: dict) -> Plan:
+    root = layout.base_dir()
+    tag = resolve_model_tag(phase, opts, given, root)
+    ckpt_dir = layout.checkpoint_dir(root, phase, tag)
+    data_path, source = resolve_data(phase, opts, root)
+    resume = find_resume(phase, opts, ckpt_dir)
+    init = None if resume else find_init(phase, opts, root, tag)
+    tok = resolve_tokenizer(phase, opts, root, source)
+    src_meta = (resume or init or {}).get("meta") or {}
+    defaults = phase_defaults(phase)
+
+    def pick(name: str, inherited):
+        if getattr(opts, name) is not None:
+            return getattr(opts, name)
+        d = defaults.get(name)
+        return inherited if d == "inherit" else d
+
+    if phase == "base":
+        seq_len = pick("max_seq_len", None)
+        cfg = config_for_depth(opts.depth, vocab_size=tok.vocab_size, sequence_len=seq_len,
+                               aspect_ratio=opts.aspect_ratio, head_dim=opts.head_dim)
+        if resume:
+            check_same(resume, "model shape (depth/width/heads/vocab)", _shape(cfg), _shape(_config_of(resume["meta"])))
+    else:
+        cfg = _config_of(src_meta)
+        seq_len = pick("max_tokens", cfg.sequence_len) if phase == "sft" else pick("max_seq_len", src_meta.get("max_seq_len", cfg.sequence_len))
+    if cfg.vocab_size != tok.vocab_size:
+        raise BadArgs(f"the tokenizer {tokenizer_path(root)} has {tok.vocab_size} tokens but the model has "
+                      f"{cfg.vocab_size}: it was trained with another tokenizer")
+    B = pick("device_batch_size", src_meta.get("device_batch_size"))
+    total = pick("total_batch_size", src_meta.get("total_batch_size"))
+    if total is None:  # sft: nanochat counts examples per step
+        total = opts.target_examples_per_step * seq_len
+    row_name = "max_tokens" if phase == "sft" else "max_seq_len"
+    if total % (B * seq_len):
+        raise BadArgs(f"total_batch_size {total} is not a multiple of device_batch_size x {row_name} = "
+                      f"{B} x {seq_len} = {B * seq_len}; pick a device_batch_size that divides it")
+    if resume:
+        meta = resume["meta"]
+        check_same(resume, row_name, seq_len, meta.get("max_tokens" if phase == "sft" else "max_seq_len"))
+        check_same(resume, "total_batch_size", total, meta.get("total_batch_size"))
+    grad_accum = total // (B * seq_len)
+    n_iter = opts.num_iterations if opts.num_iterations > 0 else default_iterations(phase, opts, cfg, total, seq_len, source, tok)
+    schedule = {k: pick(k, None) for k in ("init_lr_frac", "warmup_ratio", "warmdown_ratio", "final_lr_frac")}
+    plan = Plan(phase=phase, opts=opts, given=given, root=root, model_tag=tag, ckpt_dir=ckpt_dir,
+                data_path=data_path, source=source, tok=tok, model_config=cfg, seq_len=seq_len,
+                device_batch_size=B, total_batch_size=total, grad_accum=grad_accum, num_iterations=n_iter,
+                schedule=schedule, resume=resume, init=init, start_step=resume["step"] if resume else 0)
+    if resume and resume["meta"].get("num_iterations") not in (None, n_iter):
+        print(f"warning: num_iterations is {n_iter} now, {resume['meta']['num_iterations']} in the checkpoint; "
+              "the lr schedule follows the new value", file=sys.stderr, flush=True)
+    return plan
+
+
+def check_same(resume: dict, what: str, now, then) -> None:
+    if then is not None and now != then:
+        raise BadArgs(f"cannot resume from step {resume['step']} ({resume['dir']}): {what} is {now} now "
+                      f"but {then} in the checkpoint")
+
+
+def _shape(cfg: GPTConfig) -> str:
+    return f"n_layer={cfg.n_layer} n_embd={cfg.n_embd} n_head={cfg.n_head} vocab_size={cfg.vocab_size}"
+
+
+def _config_of(meta: dict) -> GPTConfig:
+    mc = meta.get("model_config")
+    names = {f.name for f in dataclasses.fields(GPTConfig)}
+    if not isinstance(mc, dict) or not names <= set(mc):
+        raise BadArgs("the checkpoint's meta has no usable model_config")
+    return GPTConfig(**{k: mc[k] for k in names})
+
+
+def resolve_model_tag(phase: str, opts: Options, given: dict, root: Path) -> str:
+    if opts.model_tag:
+        return opts.model_tag
+    if phase == "base" or "depth" in given:
+        return f"d{opts.depth}"
+    # like nanochat: the largest d<N> model the previous phases have
+    tags = set()
+    for p in (phase,) + layout.PREVIOUS_PHASES[phase]:
+        d = root / layout.PHASE_DIRS[p]
+        if d.is_dir():
+            tags |= {c.name for c in d.iterdir() if c.is_dir() and re.fullmatch(r"d\d+", c.name)}
+    if not tags:
+        prev = layout.PREVIOUS_PHASES[phase][-1]
+        raise BadArgs(f"no {prev} checkpoint under {root / layout.PHASE_DIRS[prev]} to start {phase} from; "
+                      f"run the {prev} phase first or pass --model_tag")
+    return max(tags, key=lambda t: int(t[1:]))
+
+
+def resolve_data(phase: str, opts: Options, root: Path) -> tuple[Path, DocSource]:
+    kind = "text" if phase == "base" else "chat"
+    try:
+        if opts.data:
+            path = Path(opts.data).expanduser()
+        else:
+            path = ensure_embedded_data(root) / ("base" if kind == "text" else "chat")
+        source = DocSource(list_data_files(path, kind), kind)
+        source.check()
+    except DataError as e:
+        raise BadArgs(str(e)) from None
+    return path, source
+
+
+def find_resume(phase: str, opts: Options, ckpt_dir: Path) -> dict | None:
+    value = opts.resume_from_step
+    if value == "-1":
+        if layout.list_steps(ckpt_dir):
+            print(f"warning: starting {phase} fresh; checkpoints in {ckpt_dir} will be overwritten as steps are saved",
+                  file=sys.stderr, flush=True)
+        return None
+    if value == "auto":
+        found = newest_usable(ckpt_dir, "cpu")
+        if found is None:
+            print(f"no checkpoint to resume from in {ckpt_dir}; starting fresh", file=sys.stderr, flush=True)
+            return None
+        step, model, optim, meta = found
+    else:
+        step = int(value)
+        try:
+            model, optim, meta = load_checkpoint(ckpt_dir, step, "cpu")
+        except ValueError as e:
+            raise BadArgs(f"cannot resume: {e}") from None
+    if (meta.get("nanod") or {}).get("phase", phase) != phase:
+        raise BadArgs(f"cannot resume: checkpoint step {step} in {ckpt_dir} belongs to phase {meta['nanod']['phase']}")
+    return {"step": step, "model": model, "optim": optim, "meta": meta, "dir": ckpt_dir}
+
+
+def find_init(phase: str, opts: Options, root: Path, tag: str) -> dict | None:
+    if phase == "base":
+        return None
+    prev = layout.PREVIOUS_PHASES[phase]
+    if opts.source:
+        prev = (opts.source,)
+    for p in prev:
+        d = layout.checkpoint_dir(root, p, tag)
+        if opts.init_step == "auto":
+            found = newest_usable(d, "cpu", with_optim=False)
+            if found:
+                step, model, _, meta = found
+                return {"phase": p, "step": step, "model": model, "meta": meta, "dir": d}
+        elif layout.list_steps(d):
+            try:
+                model, _, meta = load_checkpoint(d, int(opts.init_step), "cpu", with_optim=False)
+            except ValueError as e:
+                raise BadArgs(f"cannot start {phase}: {e}") from None
+            return {"phase": p, "step": int(opts.init_step), "model": model, "meta": meta, "dir": d}
+    dirs = " or ".join(str(layout.checkpoint_dir(root, p, tag)) for p in prev)
+    step = "" if opts.init_step == "auto" else f" step {opts.init_step}"
+    raise BadArgs(f"no complete checkpoint{step} in {dirs} to start {phase} from; run {prev[-1]} first")
+
+
+def resolve_tokenizer(phase: str, opts: Options, root: Path, source: DocSource) -> ChatTokenizer:
+    path = tokenizer_path(root)
+    if not path.exists():
+        if phase != "base":
+            raise BadArgs(f"no tokenizer at {path}; the base phase trains it")
+        t0 = time.monotonic()
+        tok = train_tokenizer(_tokenizer_texts(source), opts.vocab_size)
+        save_tokenizer(tok, path)
+        print(f"trained tokenizer ({tok.get_vocab_size()} tokens) in {time.monotonic() - t0:.1f}s: {path}",
+              file=sys.stderr, flush=True)
+    try:
+        return ChatTokenizer(load_tokenizer(path))
+    except Exception as e:
+        raise BadArgs(f"tokenizer {path} is unusable: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+
+def _tokenizer_texts(source: DocSource):
+    chars = 0
+    for i in range(len(source.files)):
+        for text in source.docs_of(i):
+            text = text[:TOKENIZER_DOC_CAP]
+            chars += len(text)
+            yield text
+            if chars >= TOKENIZER_MAX_CHARS:
+                return
+
+
+def default_iterations(phase, opts, cfg, total, seq_len, source, tok) -> int:
+    if phase == "base":
+        params = _param_count(cfg)
+        if opts.target_flops > 0:
+            return max(1, round(opts.target_flops / (6 * params * total)))
+        return max(1, round(opts.target_param_data_ratio * params / total))
+    if phase == "mid":
+        return max(1, count_stream_tokens(source, tok) // total)
+    rows = total // seq_len
+    return max(1, opts.num_epochs * count_documents(source) // rows)
+
+
+def _param_count(cfg: GPTConfig) -> int:
+    per_block = 12 * cfg.n_embd * cfg.n_embd
+    return 2 * cfg.vocab_size * cfg.n_embd + cfg.n_layer * per_block
