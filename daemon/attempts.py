@@ -1,0 +1,434 @@
+"""The daemon's hands on attempts: launch one, watch it, and act on its end.
+
+Runtime state (`Active`: the process, the log offset, stall clocks) lives
+here and is never written to disk; everything durable goes through queue.py,
+every decision comes from supervisor.py, every process operation from
+runner.py. The loop (daemon/loop.py) calls these methods in its fixed order.
+
+A launch takes the GPU lock (daemon/gpu/lock.py), starts the process with the
+lock's descriptor inherited, writes the holder file and closes the daemon's
+copy: from then on the lock is the attempt's. After a restart, `recover`
+finds an attempt the previous daemon left running (pid + start time, or the
+holder file when the daemon died before recording the pid) and stops it
+gracefully; the relaunch then waits for the lock, so no two trainers ever
+run at once.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon import runner, supervisor
+from daemon.gpu import lock as gpulock
+from daemon.queue import Attempt, JobRecord, JobState, Queue, append_event
+from daemon.runners import Outcome, Progress
+from daemon.supervisor import Action, Decision
+from trainer import layout
+
+log = logging.getLogger("nanod")
+S = JobState
+CHECKPOINT_SCAN_INTERVAL = 1.0   # s between looks at the checkpoint directory of a live attempt
+PROGRESS_SAVE_INTERVAL = 0.5     # s: progress reaches the record at most twice a second
+
+
+def adapter_for(settings, spec):
+    """The RunnerAdapter of a job's runner."""
+    if spec.runner == "builtin":
+        from daemon.runners.builtin import BuiltinRunner
+        return BuiltinRunner(settings)
+    from daemon.runners import nanochat  # the nanochat room's adapter
+    return nanochat.adapter_for(settings, spec) if hasattr(nanochat, "adapter_for") else nanochat.NanochatRunner(settings, spec)
+
+
+@dataclass
+class Active:
+    """A live attempt and what the loop knows about it right now."""
+
+    rec: JobRecord
+    proc: runner.AttemptProcess
+    adapter: object
+    phase: str
+    ckpt_dir: Path
+    tail: runner.LogTail
+    since: float | None          # when this phase's first attempt started: older checkpoints are not ours
+    start_ckpt: int | None       # newest complete checkpoint when the attempt started
+    last_ckpt: int | None
+    last_activity: float         # monotonic: the last step line or new checkpoint
+    total: int | None = None
+    saw_step: bool = False
+    paused: bool = False
+    stop: str | None = None      # why we are stopping it: shutdown, cancel, stall, survivor
+    kill_at: float | None = None  # monotonic SIGKILL deadline
+    unsaved: bool = False
+    saved_at: float = 0.0
+    scanned_at: float = 0.0
+
+
+class Attempts:
+    def __init__(self, settings, queue: Queue, preflight=None, retention=None):
+        self.settings, self.queue = settings, queue
+        self.preflight, self.retention = preflight, retention
+        self.active: dict[str, Active] = {}
+        self.stopping = False
+        self._checked: set[tuple[str, int, int]] = set()   # (job, phase_index, seq) preflighted this run
+
+    # ---- recovery after a restart ---------------------------------------------------
+    def recover(self) -> None:
+        """Adopt what the previous daemon left: stop its survivors, settle attempts that ended unwatched."""
+        for rec in self.queue.ordered(S.RUNNING, S.PAUSED, S.WAITING, S.BACKING_OFF):
+            att = rec.last_attempt
+            if att is not None and att.ended_at is None:
+                proc = runner.AttemptProcess.adopt(att.pid, att.pgid, att.proc_start) if att.pid else None
+                proc = proc or self._adopt_from_holder(rec, att)
+                a = self._watch(rec, att, proc or runner.AttemptProcess(att.pid or 0, att.pgid or 0, None))
+                if proc is None:
+                    a.proc.exited = True   # ended while no daemon watched: settled by the next reap
+                    continue
+                a.stop = "survivor"
+                a.kill_at = time.monotonic() + rec.job_spec.recovery.kill_grace
+                proc.terminate()
+                self.queue.note(rec, "survivor", f"attempt {att.n} (pid {proc.pid}) outlived the previous daemon: "
+                                "stopping it to resume from its checkpoint under this one", attempt=att.n)
+            elif rec.state in (S.RUNNING, S.PAUSED):
+                self.queue.back_off(rec, 0, "resuming after a daemon restart", kind="relaunch", attempt=None)
+
+    def _adopt_from_holder(self, rec: JobRecord, att: Attempt) -> runner.AttemptProcess | None:
+        """The daemon died between starting the attempt and recording its pid: the lock's holder file knows."""
+        holder = gpulock.read_holder(self.settings.gpu_lock_path(rec.job_spec.gpu))
+        if (holder and holder.get("job") == rec.name and holder.get("home") == str(self.settings.home)
+                and isinstance(holder.get("pid"), int) and holder.get("since", 0) >= att.started_at - 1):
+            pid = holder["pid"]
+            return runner.AttemptProcess.adopt(pid, pid, runner.proc_start_time(pid))
+        return None
+
+    # ---- launching -------------------------------------------------------------------
+    def start_next(self) -> None:
+        """The head of the queue, for each GPU that has no current job."""
+        busy = {r.job_spec.gpu for r in self.queue.ordered(S.RUNNING, S.PAUSED, S.WAITING, S.BACKING_OFF)}
+        for rec in self.queue.ordered(S.QUEUED):
+            if rec.job_spec.gpu not in busy:
+                busy.add(rec.job_spec.gpu)
+                self.launch(rec)
+
+    def relaunch_due(self) -> None:
+        now = time.time()
+        for rec in self.queue.ordered(S.BACKING_OFF, S.WAITING):
+            if rec.name in self.active:
+                continue
+            if rec.state == S.WAITING or rec.next_attempt_at is None or rec.next_attempt_at <= now:
+                self.launch(rec)
+
+    def next_due(self) -> float | None:
+        dues = [r.next_attempt_at for r in self.queue.ordered(S.BACKING_OFF) if r.next_attempt_at]
+        return min(dues) if dues else None
+
+    def launch(self, rec: JobRecord) -> None:
+        """Start the next attempt of `rec`, or leave it waiting with the reason why not."""
+        spec, i = rec.job_spec, rec.phase_index
+        phase = spec.phases[i].phase
+        adapter = adapter_for(self.settings, spec)
+        dbs = self._batch_size(rec)
+        if self.preflight is not None and hasattr(self.preflight, "disk_shortfall"):
+            short = self.preflight.disk_shortfall(self.settings, spec, i)
+            if short:
+                return self._wait(rec, short)
+        if not self._preflight(rec, dbs):
+            return
+        lock_path = self.settings.gpu_lock_path(spec.gpu)
+        fd = gpulock.try_acquire(lock_path)
+        if fd is None:
+            return self._wait(rec, f"waiting for GPU {spec.gpu}'s lock, held by {gpulock.describe_holder(lock_path)}")
+        try:
+            self._start(rec, adapter, phase, dbs, fd, lock_path)
+        finally:
+            gpulock.release(fd)   # the attempt holds its own copy from here on
+
+    def _start(self, rec: JobRecord, adapter, phase: str, dbs: int | None, fd: int, lock_path: Path) -> None:
+        spec, i = rec.job_spec, rec.phase_index
+        args = dict(spec.phases[i].args)
+        tag = str(args.get("model_tag") or spec.resolved_model_tag)
+        ckpt_dir = adapter.checkpoint_dir(self.settings.checkpoint_root, phase, tag)
+        earlier = [a for a in rec.attempts if a.phase == phase]
+        since = earlier[0].started_at if earlier else None
+        resume = runner.newest_checkpoint(ckpt_dir, since=since) if earlier and adapter.can_resume(phase) else None
+        init = rec.phase_final_steps.get(spec.phases[i - 1].phase) if i > 0 and resume is None else None
+        if dbs is not None:
+            args["device_batch_size"] = dbs
+            rec.device_batch_size[phase] = dbs
+        launch = adapter.build_launch(spec, i, args=args, resume_from=resume, init_from=init)
+        n = len(rec.attempts) + 1
+        log_file = runner.log_path(self.settings, rec.name, n)
+        att = Attempt(n=n, phase=phase, started_at=time.time(), resumed_from=resume, init_from=init,
+                      device_batch_size=dbs, log=str(log_file.relative_to(self.settings.home)))
+        self.queue.begin_attempt(rec, att)   # on record before the process exists: a crash here is visible
+        env = runner.build_env(self.settings, spec, i, n, launch.env)
+        try:
+            proc = runner.start_attempt(launch, env, log_file, pass_fds=(fd,),
+                                        header=f"job {rec.name}, phase {phase}, attempt {n}: {' '.join(launch.argv)}")
+        except OSError as e:
+            error = f"{launch.argv[0]}: {e.strerror or e}"
+            self.queue.end_attempt(rec, outcome=Outcome.FAILED_TO_START.value, exit_code=None, error=error)
+            d = supervisor.decide(Outcome.FAILED_TO_START, phase=phase, phase_index=i, n_phases=len(spec.phases),
+                                  recovery=spec.recovery, restarts_without_progress=rec.restarts_without_progress,
+                                  progressed=False, device_batch_size=dbs, exit_words="", error=error)
+            return self._apply(rec, d, None, n)
+        gpulock.write_holder(lock_path, pid=proc.pid, command=launch.argv, home=str(self.settings.home), job=rec.name)
+        att.pid, att.pgid, att.proc_start = proc.pid, proc.pgid, proc.proc_start
+        since = since or att.started_at
+        how = f"resumed from step {resume}" if resume is not None else \
+            f"from {spec.phases[i - 1].phase} step {init}" if init is not None else "fresh"
+        self.queue.transition(rec, S.RUNNING, f"phase {phase}, attempt {n} ({how})", kind="started", attempt=n)
+        a = self._watch(rec, att, proc)
+        a.since, a.start_ckpt, a.last_ckpt = since, resume, resume
+
+    def _watch(self, rec: JobRecord, att: Attempt, proc: runner.AttemptProcess) -> Active:
+        spec = rec.job_spec
+        adapter = adapter_for(self.settings, spec)
+        args = spec.phases[rec.phase_index].args
+        tag = str(args.get("model_tag") or spec.resolved_model_tag)
+        ckpt_dir = adapter.checkpoint_dir(self.settings.checkpoint_root, att.phase, tag)
+        earlier = [a for a in rec.attempts if a.phase == att.phase]
+        since = earlier[0].started_at if earlier else att.started_at
+        total = args.get("num_iterations") if isinstance(args.get("num_iterations"), int) else None
+        a = Active(rec=rec, proc=proc, adapter=adapter, phase=att.phase, ckpt_dir=ckpt_dir,
+                   tail=runner.LogTail(self.settings.home / att.log), since=since, start_ckpt=att.resumed_from,
+                   last_ckpt=att.resumed_from, last_activity=time.monotonic(),
+                   total=total if total and total > 0 else None)
+        self.active[rec.name] = a
+        return a
+
+    def _batch_size(self, rec: JobRecord) -> int | None:
+        """The working device_batch_size: this phase's, else min(configured, what an earlier OOM left)."""
+        spec = rec.job_spec
+        phase = spec.phases[rec.phase_index]
+        if phase.phase in rec.device_batch_size:
+            return rec.device_batch_size[phase.phase]
+        configured = phase.args.get("device_batch_size")
+        cap = None
+        for p in spec.phases[: rec.phase_index]:
+            used, asked = rec.device_batch_size.get(p.phase), p.args.get("device_batch_size")
+            if isinstance(used, int) and (not isinstance(asked, int) or used < asked):
+                cap = used if cap is None else min(cap, used)
+        return supervisor.working_batch_size(configured if isinstance(configured, int) else None, cap)
+
+    def _preflight(self, rec: JobRecord, dbs: int | None) -> bool:
+        """check_phase once per phase start (per daemon run): FAIL fails the job, WARN is noted."""
+        key = (rec.name, rec.phase_index, rec.seq)
+        if self.preflight is None or not hasattr(self.preflight, "check_phase") or key in self._checked:
+            return True
+        self._checked.add(key)
+        try:
+            checks = self.preflight.check_phase(self.settings, rec.job_spec, rec.phase_index, device_batch_size=dbs)
+        except Exception as e:  # a broken check must not stop training
+            log.exception("nanod: preflight failed")
+            self.queue.note(rec, "preflight", f"preflight could not run: {e}")
+            return True
+        fails = [c.message for c in checks if c.level == "FAIL"]
+        for c in checks:
+            if c.level == "WARN":
+                self.queue.note(rec, "preflight_warning", c.message)
+        if fails:
+            self.queue.transition(rec, S.FAILED, f"preflight: {'; '.join(fails)}", kind="preflight_failed")
+            return False
+        return True
+
+    def _wait(self, rec: JobRecord, reason: str) -> None:
+        self.queue.transition(rec, S.WAITING, reason, kind="waiting" if rec.state != S.WAITING else None)
+
+    # ---- watching --------------------------------------------------------------------
+    def read_progress(self) -> None:
+        now = time.monotonic()
+        for a in list(self.active.values()):
+            self._read_lines(a, now)
+            if now - a.scanned_at >= CHECKPOINT_SCAN_INTERVAL:
+                a.scanned_at = now
+                self._scan_checkpoints(a, now)
+            if a.unsaved and now - a.saved_at >= PROGRESS_SAVE_INTERVAL:
+                self.queue.save(a.rec)
+                a.unsaved, a.saved_at = False, now
+
+    def _read_lines(self, a: Active, now: float) -> None:
+        rec = a.rec
+        for line in a.tail.read_lines():
+            p: Progress | None = a.adapter.parse_progress(line)
+            if p is not None:
+                a.last_activity, a.saw_step, a.paused = now, True, False
+                a.total = p.total or a.total
+                self.queue.set_progress(rec, a.phase, p, save=False)
+                a.unsaved = True
+                if rec.state == S.PAUSED:
+                    self.queue.transition(rec, S.RUNNING, f"phase {a.phase}, step {p.step}", kind="resumed")
+            elif line.startswith("paused:"):
+                a.paused = True
+                if rec.state == S.RUNNING:
+                    self.queue.transition(rec, S.PAUSED, line.strip(), kind="paused")
+            elif line.startswith("resumed:"):
+                a.paused, a.last_activity = False, now   # the stall clock starts again; a step line says running
+
+    def _scan_checkpoints(self, a: Active, now: float) -> None:
+        newest = runner.newest_checkpoint(a.ckpt_dir, since=a.since)
+        if newest is not None and (a.last_ckpt is None or newest > a.last_ckpt):
+            a.last_ckpt, a.last_activity = newest, now
+            self.queue.set_checkpoint(a.rec, a.phase, newest, layout.size_of(a.ckpt_dir, newest))
+            self._prune(a)
+
+    def _prune(self, a: Active) -> None:
+        keep = a.rec.job_spec.retention
+        if self.retention is None or keep.keep_last is None:
+            return
+        protect = {s for s in (a.start_ckpt, a.rec.phase_final_steps.get(a.phase)) if s is not None}
+        try:
+            res = self.retention.prune_dir(a.ckpt_dir, keep_last=keep.keep_last, keep_every=keep.keep_every,
+                                           protect=protect)
+        except Exception as e:  # deletion trouble is logged, never fatal
+            log.exception("nanod: retention failed")
+            self.queue.note(a.rec, "prune_error", f"retention failed in {a.ckpt_dir}: {e}")
+            return
+        if res.deleted_steps:
+            self.queue.note(a.rec, "pruned", f"{a.phase}: deleted checkpoint steps "
+                            f"{', '.join(map(str, res.deleted_steps))} (keep_last {keep.keep_last})")
+        for err in res.errors[:3]:
+            self.queue.note(a.rec, "prune_error", err)
+
+    def detect_stalls(self) -> None:
+        now = time.monotonic()
+        for a in self.active.values():
+            rc = a.rec.job_spec.recovery
+            if a.stop is None and supervisor.is_stalled(now=now, last_activity=a.last_activity, saw_step=a.saw_step,
+                                                        paused=a.paused, stall_timeout=rc.stall_timeout,
+                                                        startup_grace=rc.startup_grace):
+                quiet = now - a.last_activity
+                self._stop(a, "stall", f"no step line and no new checkpoint for {quiet:.0f}s: "
+                           f"stopping process group {a.proc.pgid}")
+
+    def enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for a in self.active.values():
+            if a.kill_at is not None and now >= a.kill_at:
+                a.kill_at = None
+                a.proc.kill()
+                self.queue.note(a.rec, "killed", f"process group {a.proc.pgid} outlived kill_grace: SIGKILL",
+                                attempt=a.rec.last_attempt.n)
+
+    def _stop(self, a: Active, why: str, message: str) -> None:
+        """SIGTERM (+SIGCONT) to the attempt's group; SIGKILL after the job's kill_grace."""
+        a.stop = why
+        deadline = time.monotonic() + a.rec.job_spec.recovery.kill_grace
+        a.kill_at = deadline if a.kill_at is None else min(a.kill_at, deadline)
+        a.proc.terminate()
+        self.queue.note(a.rec, f"stop_{why}", message, attempt=a.rec.last_attempt.n)
+
+    def stop_all(self) -> None:
+        """The daemon's warm stop: every attempt saves and exits; jobs between attempts go back to the queue."""
+        self.stopping = True
+        for a in self.active.values():
+            if a.stop not in ("cancel", "survivor"):
+                self._stop(a, "shutdown", f"the daemon is stopping: SIGTERM to process group {a.proc.pgid}")
+        for rec in self.queue.ordered(S.WAITING, S.BACKING_OFF):
+            if rec.name not in self.active:
+                self.queue.requeue_front(rec, "the daemon stopped; resumes at the next start")
+
+    def kill_all(self) -> None:
+        for a in self.active.values():
+            a.proc.kill()
+
+    # ---- the end of an attempt -------------------------------------------------------
+    def reap(self) -> None:
+        for a in list(self.active.values()):
+            if a.proc.poll():
+                self._finish(a)
+
+    def _finish(self, a: Active) -> None:
+        rec, att = a.rec, a.rec.last_attempt
+        self._read_lines(a, time.monotonic())
+        newest = runner.newest_checkpoint(a.ckpt_dir, since=a.since)
+        if newest is not None and (a.last_ckpt is None or newest > a.last_ckpt):
+            a.last_ckpt = newest
+            self.queue.set_checkpoint(rec, a.phase, newest, layout.size_of(a.ckpt_dir, newest))
+        tail = runner.read_tail(self.settings.home / att.log)
+        error = runner.last_error_line(tail)
+        code = a.proc.returncode
+        if code is None:  # a survivor, or an attempt that ended while no daemon watched: no exit code
+            done = a.total is not None and newest == a.total
+            outcome = Outcome.COMPLETED if done else Outcome.INTERRUPTED if a.stop else Outcome.CRASHED
+            if outcome == Outcome.CRASHED:
+                error = f"ended while no daemon was watching{': ' + error if error else ''}"
+        else:
+            outcome = a.adapter.classify_exit(code, tail)
+        if outcome != Outcome.COMPLETED:
+            outcome = {"stall": Outcome.STALLED, "cancel": Outcome.CANCELLED, "shutdown": Outcome.INTERRUPTED,
+                       "survivor": Outcome.INTERRUPTED}.get(a.stop, outcome)
+        del self.active[rec.name]
+        self.queue.end_attempt(rec, outcome=outcome.value, exit_code=code,
+                               error="" if outcome == Outcome.COMPLETED else error)
+        progressed = newest is not None and (a.start_ckpt is None or newest > a.start_ckpt)
+        spec = rec.job_spec
+        if a.stop == "survivor" and outcome == Outcome.INTERRUPTED:
+            d = Decision(Action.RELAUNCH, f"relaunching {a.phase} from its checkpoint after the daemon restart",
+                         "relaunch")
+        else:
+            words = "no exit code" if code is None else f"killed by signal {-code}" if code < 0 else f"exit {code}"
+            d = supervisor.decide(outcome, phase=a.phase, phase_index=rec.phase_index, n_phases=len(spec.phases),
+                                  recovery=spec.recovery, restarts_without_progress=rec.restarts_without_progress,
+                                  progressed=progressed, device_batch_size=att.device_batch_size,
+                                  exit_words=words, error=error, stopping=a.stop == "shutdown")
+        if a.stop == "cancel" and d.action == Action.NEXT_PHASE:
+            rec.phase_final_steps[a.phase] = newest
+            d = Decision(Action.CANCEL, f"cancelled after {a.phase} completed", "cancelled")
+        self._apply(rec, d, newest, att.n)
+
+    def _apply(self, rec: JobRecord, d: Decision, newest: int | None, n: int) -> None:
+        phase = rec.phase
+        if d.restarts_without_progress is not None:
+            rec.restarts_without_progress = d.restarts_without_progress
+        if d.device_batch_size is not None:
+            rec.device_batch_size[phase] = d.device_batch_size
+        action = d.action
+        if self.stopping and action in (Action.RELAUNCH, Action.NEXT_PHASE):
+            if action == Action.NEXT_PHASE:
+                rec.phase_final_steps[phase] = newest
+                rec.phase_index += 1
+                rec.restarts_without_progress = 0
+            self.queue.note(rec, d.kind, d.reason, attempt=n)
+            return self.queue.requeue_front(rec, "the daemon stopped; resumes at the next start", attempt=n)
+        if action == Action.NEXT_PHASE:
+            rec.phase_final_steps[phase] = newest
+            rec.phase_index += 1
+            rec.restarts_without_progress = 0
+            nxt = rec.phase
+            self.queue.back_off(rec, 0, f"{d.reason} at step {newest}; starting {nxt}", kind=d.kind, attempt=n)
+        elif action == Action.DONE:
+            rec.phase_final_steps[phase] = newest
+            self.queue.transition(rec, S.DONE, d.reason, kind=d.kind, attempt=n)
+        elif action == Action.RELAUNCH:
+            self.queue.back_off(rec, d.delay, d.reason, kind=d.kind, attempt=n)
+        elif action == Action.FAIL:
+            self.queue.transition(rec, S.FAILED, d.reason, kind=d.kind, attempt=n)
+        elif action == Action.REQUEUE:
+            self.queue.requeue_front(rec, d.reason, attempt=n)
+        elif action == Action.CANCEL:
+            self.queue.transition(rec, S.CANCELLED, d.reason, kind=d.kind, attempt=n)
+
+    # ---- requests from the CLI -------------------------------------------------------
+    def apply_request(self, req: dict) -> None:
+        action, name = req.get("action"), req.get("job")
+        rec = self.queue.get(name)
+        if rec is None:
+            append_event(self.settings, "error", f"{action} request for unknown job {name!r}", job=None)
+            return
+        if action == "cancel":
+            a = self.active.get(name)
+            if a is not None:
+                if a.stop != "cancel":
+                    self._stop(a, "cancel", f"cancel requested: SIGTERM to process group {a.proc.pgid}")
+            elif not rec.finished:
+                self.queue.transition(rec, S.CANCELLED, "cancelled by request", kind="cancelled")
+        elif action == "retry":
+            if rec.state in (S.FAILED, S.CANCELLED):
+                self.queue.retry(rec)
+            else:
+                self.queue.note(rec, "error", f"retry ignored: the job is {rec.state.value}")
+        else:
+            append_event(self.settings, "error", f"unknown request {action!r} for job {name}", job=name)

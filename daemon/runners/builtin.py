@@ -1,0 +1,102 @@
+"""The `builtin` runner: nanod's own trainer, `python -m trainer {base,mid,sft}`.
+
+Knows the trainer's command line, its step lines, its exit codes
+(trainer/exitcodes.py) and its checkpoint layout (trainer/layout.py); nothing
+else. The interpreter is the operator's `python` setting, else this one.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from daemon.runners import Launch, Outcome, Progress
+from trainer import exitcodes, layout
+
+REPO_ROOT = Path(layout.__file__).resolve().parents[1]  # where the trainer package is
+
+_STEP = re.compile(r"^step\s+(\d+)(?:/(\d+))?")
+_FIELDS = {
+    "loss": re.compile(r"\|\s*loss:\s*([-+0-9.eE]+|nan|inf)"),
+    "dt_ms": re.compile(r"\|\s*dt:\s*([0-9.]+)\s*ms"),
+    "tok_per_sec": re.compile(r"\|\s*tok/sec:\s*([0-9,.]+)"),
+    "peak_mem_gib": re.compile(r"\|\s*peak_mem:\s*([0-9.]+)\s*GiB"),
+}
+# what an out-of-memory looks like in a log when the exit code does not say it
+OOM_TEXTS = ("torch.OutOfMemoryError", "CUDA out of memory", "CUDA error: out of memory",
+             "CUDA driver error: out of memory", "OutOfMemoryError")
+
+
+def parse_step_line(line: str) -> Progress | None:
+    """A nanochat-style step line: `step 00012/00040 (30.00%) | loss: 4.12 | dt: 81.00ms | tok/sec: 2,521`."""
+    m = _STEP.match(line)
+    if not m:
+        return None
+    values: dict[str, float | None] = {}
+    for key, rx in _FIELDS.items():
+        f = rx.search(line)
+        try:
+            values[key] = float(f.group(1).replace(",", "")) if f else None
+        except ValueError:
+            values[key] = None
+    return Progress(step=int(m.group(1)), total=int(m.group(2)) if m.group(2) else None, **values)
+
+
+def classify_by_code(returncode: int, log_tail: str) -> Outcome:
+    if returncode == exitcodes.OK:
+        return Outcome.COMPLETED
+    if returncode == exitcodes.BAD_ARGS:
+        return Outcome.BAD_ARGS
+    if returncode == exitcodes.OOM or any(t in log_tail for t in OOM_TEXTS):
+        return Outcome.OOM
+    if returncode == exitcodes.INTERRUPTED:
+        return Outcome.INTERRUPTED
+    return Outcome.CRASHED
+
+
+def format_arg(key: str, value) -> str:
+    return f"--{key}={value}"
+
+
+class BuiltinRunner:
+    """RunnerAdapter for `python -m trainer`."""
+
+    name = "builtin"
+
+    def __init__(self, settings):
+        self.python = settings.python or sys.executable
+
+    def checkpoint_dir(self, root: Path, phase: str, model_tag: str) -> Path:
+        return layout.checkpoint_dir(root, phase, model_tag)
+
+    def build_launch(self, spec, phase_index: int, *, args: dict, resume_from: int | None,
+                     init_from: int | None) -> Launch:
+        phase = spec.phases[phase_index].phase
+        args = dict(args)
+        args.setdefault("model_tag", spec.resolved_model_tag)
+        argv = [self.python, "-m", "trainer", phase]
+        argv += [format_arg(k, v) for k, v in args.items()]
+        if resume_from is not None:
+            argv.append(format_arg("resume_from_step", resume_from))
+        if init_from is not None and phase != "base":
+            argv.append(format_arg("init_step", init_from))
+        # the package may not be installed into an operator-chosen interpreter: make it importable
+        return Launch(argv=argv, env={"PYTHONPATH": _pythonpath()}, cwd=None)
+
+    def parse_progress(self, line: str) -> Progress | None:
+        return parse_step_line(line)
+
+    def classify_exit(self, returncode: int, log_tail: str) -> Outcome:
+        return classify_by_code(returncode, log_tail)
+
+    def is_complete(self, ckpt_dir: Path, step: int) -> bool:
+        return layout.is_complete(ckpt_dir, step)
+
+    def can_resume(self, phase: str) -> bool:
+        return True
+
+
+def _pythonpath() -> str:
+    import os
+    existing = os.environ.get("PYTHONPATH")
+    return f"{REPO_ROOT}{os.pathsep}{existing}" if existing else str(REPO_ROOT)
