@@ -236,6 +236,21 @@ class DirPolicy:
     keep_every: int | None = None
     protect: dict[int, str] = field(default_factory=dict)  # step -> why (one line)
     keep_all: bool = False                                 # some job using it has keep_last unset
+    optim_ranks: int | None = None                         # for layout.is_complete; None: from the meta
+
+
+def job_optim_ranks(record, phase: str) -> int | None:
+    """The optimizer files a complete checkpoint of this job's phase has, as its runner says
+    (a nanochat checkout's chat_sft may save none); None lets the meta decide."""
+    rec = _as_dict(record)
+    if (rec.get("spec") or {}).get("runner") != "nanochat":
+        return None
+    try:
+        from daemon.runners.nanochat import NanochatAdapter
+        from daemon.spec import JobSpec
+        return NanochatAdapter(None, JobSpec.model_validate(rec["spec"])).optim_ranks(phase)
+    except Exception:
+        return None
 
 
 def _as_dict(record) -> dict:
@@ -304,7 +319,8 @@ def dir_policies(root: Path, records, only: str | None = None) -> list[DirPolicy
         for phase, d in job_dirs(root, rec):
             pol = policies.get(d)
             if pol is None:
-                pol = policies[d] = DirPolicy(path=d, phase=phase, protect=dict(protect.get(d, {})))
+                pol = policies[d] = DirPolicy(path=d, phase=phase, protect=dict(protect.get(d, {})),
+                                              optim_ranks=job_optim_ranks(rec, phase))
             pol.jobs.append(rec.get("name", "?"))
             if keep_last is None:
                 pol.keep_all = True

@@ -52,7 +52,7 @@ def run(args, settings) -> int:
         if not steps:
             print("  no checkpoints")
             continue
-        complete = [s for s in steps if layout.is_complete(pol.path, s)]
+        complete = [s for s in steps if layout.is_complete(pol.path, s, optim_ranks=pol.optim_ranks)]
         plan = None
         if pol.keep_last is not None and not pol.keep_all:
             idle = {s for s in set(steps) - set(complete)
@@ -60,7 +60,7 @@ def run(args, settings) -> int:
             plan = retention.plan_prune(complete, steps, keep_last=pol.keep_last, keep_every=pol.keep_every,
                                         protect=set(pol.protect), idle=idle)
         for step in steps:
-            why_not = retention.why_incomplete(pol.path, step)
+            why_not = retention.why_incomplete(pol.path, step, optim_ranks=pol.optim_ranks)
             state = "complete" if why_not is None else f"INCOMPLETE ({why_not})"
             age = format_duration(now - retention.last_modified(pol.path, step))
             notes = []

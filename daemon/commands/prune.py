@@ -87,7 +87,8 @@ def prune_policies(policies, *, dry_run: bool, optim_ranks: int | None, root) ->
             continue
         sizes = {s: layout.size_of(pol.path, s) for s in layout.list_steps(pol.path)}
         result = retention.prune_dir(pol.path, keep_last=pol.keep_last, keep_every=pol.keep_every,
-                                     protect=set(pol.protect), dry_run=dry_run, optim_ranks=optim_ranks)
+                                     protect=set(pol.protect), dry_run=dry_run,
+                                     optim_ranks=pol.optim_ranks if optim_ranks is None else optim_ranks)
         every = f", keep_every {pol.keep_every}" if pol.keep_every else ""
         print(f"{where}{jobs}: keep_last {pol.keep_last}{every}")
         for step in result.deleted_steps:
