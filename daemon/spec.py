@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 
 from daemon.units import parse_duration
 
@@ -27,7 +28,11 @@ ARG_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 PHASE_ORDER = ("base", "mid", "sft")
 SCHEMA_VERSION = 1
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]  # seconds; "10m", "1h30m", 90
+# seconds; "10m", "1h30m", 90. The schema says so, or editors would flag "10m" as an error.
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema({
+    "anyOf": [{"type": "number", "exclusiveMinimum": 0},
+              {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*)+$"}],
+    "description": "seconds, or a duration like 90s, 10m, 1h30m"})]
 ArgValue = str | bool | int | float
 
 
@@ -50,7 +55,7 @@ def one_line(text: str, limit: int = 400) -> str:
 
 def check_name(name: str, what: str = "name") -> str:
     """Refuse anything that is not [a-z0-9][a-z0-9._-]{0,63}: names become paths."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
         raise ValueError(f"{what} {name!r} must match [a-z0-9][a-z0-9._-]{{0,63}}")
     return name
 
@@ -61,7 +66,7 @@ class _Strict(BaseModel):
 
 def _check_env(env: dict[str, str]) -> dict[str, str]:
     for key in env:
-        if not ENV_NAME_RE.match(key):
+        if not ENV_NAME_RE.fullmatch(key):
             raise ValueError(f"environment variable name {key!r} is not valid")
     return env
 
@@ -70,7 +75,7 @@ def _normalise_args(args: dict[str, ArgValue]) -> dict[str, ArgValue]:
     """Accept nanochat's dash and underscore spellings; store underscores."""
     out: dict[str, ArgValue] = {}
     for key, value in args.items():
-        if not ARG_NAME_RE.match(key):
+        if not ARG_NAME_RE.fullmatch(key):
             raise ValueError(f"argument name {key!r} is not valid (use e.g. device_batch_size)")
         norm = key.replace("-", "_")
         if norm in out:
@@ -177,7 +182,11 @@ def json_schema() -> dict:
     schema = JobSpec.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = f"nanod job file (schema {SCHEMA_VERSION})"
-    schema["required"] = ["phases"]  # name defaults to the file stem
+    # name defaults to the file stem; a one-phase file has a top-level phase: (with args:, phase_env:)
+    schema["required"] = []
+    schema["anyOf"] = [{"required": ["phases"]}, {"required": ["phase"]}]
+    phase = schema["$defs"]["Phase"]["properties"]
+    schema["properties"].update({"phase": phase["phase"], "args": phase["args"], "phase_env": phase["env"]})
     return schema
 
 
