@@ -5,7 +5,7 @@ One snapshot is a dict (the JSON written to disk):
     {"schema": 1, "time": 1764400000.0,
      "gpu": {"source": "nvml"|"nvidia-smi"|"none", "note": "...",
              "gpus": [{"index", "name", "total_bytes", "used_bytes", "free_bytes", "util_percent", "errors"}]},
-     "disk": {"checkpoints": {"path", "free_bytes", "total_bytes"}, "home": {...}},
+     "disk": {"checkpoints": {"path", "free_bytes", "total_bytes", "device"}, "home": {...}},
      "ram": {"total_bytes", "available_bytes"},
      "trainer": {"job", "phase", "pid", "pgid", "rss_bytes", "processes", "peak_mem_gib"} | null,
      "warnings": ["one line", ...],
@@ -83,8 +83,12 @@ def evaluate_warnings(settings, snap: dict) -> list[tuple[str, str]]:
             out.append((f"vram:{g.get('index')}",
                         f"GPU {g.get('index')} VRAM {used / total:.0%} used ({format_size(used)} of "
                         f"{format_size(total)}), above {settings.vram_warn_fraction:.0%}"))
+    seen_devices = set()
     for key, d in (snap.get("disk") or {}).items():
-        if d and d.get("free_bytes") is not None and d["free_bytes"] < settings.disk_min_free:
+        if not d or d.get("device") in seen_devices:
+            continue  # home on the checkpoints' filesystem: one warning is enough
+        seen_devices.add(d.get("device"))
+        if d.get("free_bytes") is not None and d["free_bytes"] < settings.disk_min_free:
             out.append((f"disk:{key}", f"disk {format_size(d['free_bytes'])} free on {d['path']} ({key}), "
                                        f"below {format_size(settings.disk_min_free)}"))
     ram = snap.get("ram")
@@ -101,7 +105,8 @@ def disk_usage(path: Path) -> dict:
         p = p.parent
     st = os.statvfs(p)
     # f_bavail: what an unprivileged writer (the trainer) can actually use
-    return {"path": str(p), "free_bytes": st.f_bavail * st.f_frsize, "total_bytes": st.f_blocks * st.f_frsize}
+    return {"path": str(p), "free_bytes": st.f_bavail * st.f_frsize, "total_bytes": st.f_blocks * st.f_frsize,
+            "device": os.stat(p).st_dev}
 
 
 def read_meminfo(path: str = "/proc/meminfo") -> dict:
@@ -287,6 +292,8 @@ class HealthMonitor:
         from apscheduler.schedulers.background import BackgroundScheduler
         if self._scheduler is not None:
             return
+        # apscheduler logs every run at INFO: two lines every health_interval in the daemon's log
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
         self._scheduler = BackgroundScheduler(timezone=timezone.utc, daemon=True)
         self._scheduler.add_job(self.run_once, "interval", seconds=self.settings.health_interval,
                                 id="health", coalesce=True, max_instances=1,

@@ -142,8 +142,15 @@ def test_a_warning_fires_once_while_it_lasts(tmp_path):
     for _ in range(3):
         snap = mon.run_once()
         assert any(w.startswith("disk ") and "below 1000.0TB" in w for w in snap["warnings"])
-    assert len(seen) == 2 and all("below 1000.0TB" in w for w in seen)  # checkpoints and home, once each
-    assert "(checkpoints)" in seen[0] and "(home)" in seen[1]
+    # home and checkpoints share this filesystem: one warning, once
+    assert len(seen) == 1 and "(checkpoints)" in seen[0] and "below 1000.0TB" in seen[0]
+
+
+def test_disks_on_two_filesystems_warn_separately(settings):
+    s = load_settings(settings.home, disk_min_free="1TB")
+    snap = {"disk": {"checkpoints": {"path": "/a", "free_bytes": 1, "device": 1},
+                     "home": {"path": "/b", "free_bytes": 1, "device": 2}}}
+    assert [k for k, _ in health.evaluate_warnings(s, snap)] == ["disk:checkpoints", "disk:home"]
 
 
 def test_a_warning_that_clears_is_announced_again_when_it_returns(tmp_path):
