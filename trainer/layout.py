@@ -97,19 +97,42 @@ def expected_ranks(meta: dict) -> int:
     return ranks if isinstance(ranks, int) and ranks >= 0 else 1
 
 
-def is_complete(ckpt_dir: Path, step: int, *, optim_ranks: int | None = None) -> bool:
-    """True when the meta parses and the model and optimizer files are present.
+def why_incomplete(ckpt_dir: Path, step: int, *, optim_ranks: int | None = None) -> str | None:
+    """None when the checkpoint is complete, else a few words saying why not.
 
+    Complete: the meta parses, the model file and each expected rank's optimizer
+    file are there and non-empty, and, where the meta records file sizes (nanod's
+    trainer does; nanochat does not), every file has its recorded size, which
+    catches a file truncated after the fact.
     optim_ranks: how many `optim_<step>_rank<r>.pt` files must exist; None takes
     it from the meta (1 when the meta does not say), 0 requires none.
     """
     meta = read_meta(ckpt_dir, step)
     if meta is None:
-        return False
+        return "meta missing or unreadable"
     if not _non_empty(model_path(ckpt_dir, step)):
-        return False
+        return "model file missing or empty"
     ranks = expected_ranks(meta) if optim_ranks is None else optim_ranks
-    return all(_non_empty(optim_path(ckpt_dir, step, r)) for r in range(ranks))
+    for r in range(ranks):
+        if not _non_empty(optim_path(ckpt_dir, step, r)):
+            return f"optimizer file of rank {r} missing or empty"
+    nanod = meta.get("nanod") if isinstance(meta.get("nanod"), dict) else {}
+    files = nanod.get("files") if isinstance(nanod.get("files"), dict) else {}
+    for name, size in files.items():
+        if not isinstance(name, str) or not _STEP_FILE.match(name):
+            continue  # only this checkpoint's own names; never a path from the meta
+        try:
+            actual = (Path(ckpt_dir) / name).stat().st_size
+        except OSError:
+            return f"{name} missing"
+        if actual != size:
+            return f"{name} is {actual} bytes, the meta says {size} (truncated?)"
+    return None
+
+
+def is_complete(ckpt_dir: Path, step: int, *, optim_ranks: int | None = None) -> bool:
+    """True when `why_incomplete` finds nothing wrong."""
+    return why_incomplete(ckpt_dir, step, optim_ranks=optim_ranks) is None
 
 
 def complete_steps(ckpt_dir: Path, *, optim_ranks: int | None = None) -> list[int]:
