@@ -107,14 +107,36 @@ def phase_flags(spec, phase_index: int) -> dict:
     return flags
 
 
+def flags_with_checkpoint_shape(settings, spec, phase_index: int) -> dict:
+    """phase_flags, with the model's real shape from the newest complete checkpoint of this phase or
+    the one it starts from (its meta's model_config: n_layer, n_embd, vocab_size), when there is one.
+    The trainer's BPE may stop well below vocab_size on small data."""
+    flags = phase_flags(spec, phase_index)
+    phase = spec.phases[phase_index].phase
+    for p in (phase,) + layout.PREVIOUS_PHASES[phase]:
+        d = _ckpt_dir(settings, spec, p)
+        step = layout.latest_complete(d)
+        if step is None:
+            continue
+        cfg = (layout.read_meta(d, step) or {}).get("model_config")
+        if isinstance(cfg, dict) and all(isinstance(cfg.get(k), int) and cfg[k] > 0
+                                         for k in ("n_layer", "n_embd", "vocab_size")):
+            flags.update(depth=cfg["n_layer"], _n_embd=cfg["n_embd"], vocab_size=cfg["vocab_size"])
+        break
+    return flags
+
+
 def _shape_from_tag(tag: str) -> dict:
     m = re.fullmatch(r"d(\d+)", tag or "")
     return {"depth": int(m.group(1))} if m else {}
 
 
 def model_shape(flags: dict) -> tuple[int, int, int]:
-    """(n_layer, n_embd, vocab) by nanochat's sizing: n_embd = depth x aspect_ratio rounded up to head_dim."""
+    """(n_layer, n_embd, vocab) by nanochat's sizing: n_embd = depth x aspect_ratio rounded up to head_dim
+    (or, once a checkpoint exists, as its meta's model_config says: see flags_with_checkpoint_shape)."""
     depth = int(flags.get("depth") or 20)
+    if flags.get("_n_embd"):
+        return depth, int(flags["_n_embd"]), int(flags.get("vocab_size") or 65536)
     width = depth * int(flags.get("aspect_ratio") or 64)
     head = int(flags.get("head_dim") or 128)
     width = max(head, math.ceil(width / head) * head)
@@ -183,7 +205,7 @@ def checkpoint_size(settings, spec, phase_index: int) -> tuple[int, str]:
         step = layout.latest_complete(d)
         if step is not None:
             return layout.size_of(d, step), f"the size of {layout.PHASE_DIRS[p]} step {step}"
-    return estimate_checkpoint_bytes(phase_flags(spec, phase_index)), "estimated from the model size"
+    return estimate_checkpoint_bytes(flags_with_checkpoint_shape(settings, spec, phase_index)), "estimated from the model size"
 
 
 def projected_disk_need(settings, spec, phase_index: int) -> int:
@@ -248,7 +270,7 @@ def check_phase(settings, spec, phase_index: int, *, device_batch_size: int | No
                 gpus=None, include_common: bool = True) -> list:
     """The checks before one phase starts. device_batch_size: the working value after OOM back-off."""
     phase = spec.phases[phase_index].phase
-    flags = phase_flags(spec, phase_index)
+    flags = flags_with_checkpoint_shape(settings, spec, phase_index)
     checks = check_dirs(settings) if include_common else []
     checks.append(_check_flags(spec, phase_index))
     checks.append(_check_vram(settings, spec, phase_index, flags, device_batch_size, gpus))
@@ -309,7 +331,8 @@ def _check_vram(settings, spec, phase_index, flags, device_batch_size, gpus) -> 
         from daemon.gpu.vram import read_gpus
         gpus = read_gpus()
     if not gpus.gpus:
-        return Check(name, WARN, f"{gpus.note or 'no NVIDIA GPU found'}; {what}")
+        auto = "" if flags.get("device_type") else " (device_type is auto: the trainer would run on the CPU)"
+        return Check(name, WARN, f"{gpus.note or 'no NVIDIA GPU found'}{auto}; {what}")
     gpu = next((g for g in gpus.gpus if g.index == spec.gpu), None)
     if gpu is None:
         return Check(name, FAIL, f"GPU {spec.gpu} not found (have {', '.join(str(g.index) for g in gpus.gpus)})")

@@ -85,6 +85,16 @@ def test_later_phases_inherit_the_shape_of_the_plans_base():
     assert preflight.model_shape(preflight.phase_flags(mid_alone, 0))[0] == 12
 
 
+def test_an_existing_checkpoints_model_config_gives_the_real_shape(settings):
+    spec = spec_of()
+    d = layout.checkpoint_dir(settings.checkpoint_root, "base", "d8")
+    write_ckpt(d, 250)
+    layout.meta_path(d, 250).write_text('{"step": 250, "model_config": {"n_layer": 8, "n_embd": 512, "vocab_size": 4096}}')
+    flags = preflight.flags_with_checkpoint_shape(settings, spec, 1)  # mid starts from it
+    assert preflight.model_shape(flags) == (8, 512, 4096)
+    assert preflight.estimate_vram(flags, "mid") < preflight.estimate_vram(preflight.phase_flags(spec, 1), "mid")
+
+
 def test_the_guides_8gb_estimates_are_in_its_measured_range():
     spec = spec_of()
     base = preflight.estimate_vram(preflight.phase_flags(spec, 0), "base")
