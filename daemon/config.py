@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from daemon.units import parse_duration, parse_size
@@ -53,6 +53,17 @@ class Settings(BaseSettings):
     python: str | None = None                # interpreter for the built-in trainer; default: this one
     allow_job_commands: bool = False         # may job files name their own interpreter/checkout (runner: nanochat)?
     nanochat_repos: list[Path] = Field(default_factory=list)  # checkouts job files may use without allow_job_commands
+
+    @field_validator("home", "inbox", "nanochat_base_dir", "lock_dir", mode="after")
+    @classmethod
+    def _expand_user(cls, v: Path | None) -> Path | None:
+        # `inbox = "~/jobs"` in config.toml, or Environment=NANOD_HOME=~/x in a unit, where no shell expands ~
+        return v.expanduser() if v is not None else None
+
+    @field_validator("nanochat_repos", mode="after")
+    @classmethod
+    def _expand_users(cls, v: list[Path]) -> list[Path]:
+        return [p.expanduser() for p in v]
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
