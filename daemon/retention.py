@@ -208,21 +208,6 @@ def last_modified(ckpt_dir: Path, step: int) -> float:
     return newest
 
 
-def why_incomplete(ckpt_dir: Path, step: int, *, optim_ranks: int | None = None) -> str | None:
-    """For display only (`nanod checkpoints`): None when layout.is_complete says complete, else why not."""
-    if layout.is_complete(ckpt_dir, step, optim_ranks=optim_ranks):
-        return None
-    meta_file = layout.meta_path(ckpt_dir, step)
-    meta = layout.read_meta(ckpt_dir, step)
-    if meta is None:
-        return "no meta: being written, or torn" if not meta_file.exists() else "meta unreadable: torn"
-    if not _non_empty(layout.model_path(ckpt_dir, step)):
-        return "model file missing or empty"
-    ranks = layout.expected_ranks(meta) if optim_ranks is None else optim_ranks
-    missing = [r for r in range(ranks) if not _non_empty(layout.optim_path(ckpt_dir, step, r))]
-    return f"optimizer file missing or empty (rank {', '.join(map(str, missing))})" if missing else "incomplete"
-
-
 # ---- which directories a job owns, and what in them must stay ------------------------------
 
 @dataclass
@@ -338,10 +323,3 @@ def dir_policies(root: Path, records, only: str | None = None) -> list[DirPolicy
     if only is not None:
         out = [p for p in out if only in p.jobs]
     return out
-
-
-def _non_empty(path: Path) -> bool:
-    try:
-        return path.stat().st_size > 0
-    except OSError:
-        return False

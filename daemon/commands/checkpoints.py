@@ -60,7 +60,7 @@ def run(args, settings) -> int:
             plan = retention.plan_prune(complete, steps, keep_last=pol.keep_last, keep_every=pol.keep_every,
                                         protect=set(pol.protect), idle=idle)
         for step in steps:
-            why_not = retention.why_incomplete(pol.path, step, optim_ranks=pol.optim_ranks)
+            why_not = layout.why_incomplete(pol.path, step, optim_ranks=pol.optim_ranks)
             state = "complete" if why_not is None else f"INCOMPLETE ({why_not})"
             age = format_duration(now - retention.last_modified(pol.path, step))
             notes = []
