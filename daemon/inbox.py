@@ -283,8 +283,10 @@ class Inbox:
     def _due_at(self, name: str, st: os.stat_result, now: float) -> float | None:
         """None when the file can be read now, else when to look again."""
         seen = self._seen[name]
-        if not stat.S_ISREG(st.st_mode) or seen.event == "ready":
-            return None  # not a regular file: rejected without waiting (it has no close event)
+        if not stat.S_ISREG(st.st_mode):
+            return None  # rejected without waiting: it will never have a close event
+        if seen.event == "ready" and st.st_size > 0:
+            return None  # (an empty file may be `touch`ed before it is written: that one settles)
         wait = STALE_WRITER_AFTER if seen.event == "writing" else self.settings.settle_time
         due = seen.since + wait
         return None if now >= due else due

@@ -19,8 +19,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from daemon.config import Settings
-from daemon.inbox import Inbox, InboxError, filesystem_type, is_candidate
-from daemon.spec import MAX_JOB_FILE_BYTES
+from daemon.inbox import Inbox, InboxError, _Changed, filesystem_type, is_candidate, read_regular_file
+from daemon.spec import JobFileError
 from tests.conftest import wait_until
 
 VALID = "phases:\n  - phase: base\n    args: {depth: 4, num_iterations: 10}\n"
@@ -121,6 +121,17 @@ def test_file_being_written_is_not_read_until_complete(settings, make_inbox):
         f.write("    args: {depth: 6}\n")
     (result,) = take_until(inbox)
     assert result.spec.phases[0].args == {"depth": 6}
+
+
+def test_file_touched_before_it_is_written_is_not_rejected_as_empty(settings, make_inbox):
+    inbox = make_inbox(settings)
+    path = settings.inbox_dir / "touched.yaml"
+    path.touch()  # `touch x.yaml; cat >> x.yaml`: the first close event is for an empty file
+    time.sleep(settings.settle_time / 4)
+    assert inbox.take() == []
+    path.write_text(VALID)
+    (result,) = take_until(inbox)
+    assert result.spec and not Path(str(path) + ".rejected").exists()
 
 
 def test_files_present_at_start_are_taken(settings, make_inbox):
@@ -293,11 +304,38 @@ def test_marker_of_a_removed_file_is_cleaned_up_at_rescan(settings, make_inbox):
 
 def test_file_that_vanishes_before_it_is_read_yields_nothing(settings, make_inbox):
     inbox = make_inbox(settings)
+    inbox.take()
+    inbox.wake.clear()
     path = drop(settings.inbox_dir, "gone.yaml", VALID)
-    wait_until(lambda: inbox.wake.is_set(), 2)
+    assert inbox.wake.wait(1.0)
     path.unlink()
     assert inbox.take() == []
     assert list(settings.inbox_dir.iterdir()) == []
+
+
+def test_file_that_vanishes_between_stat_and_read_yields_nothing(settings, make_inbox):
+    inbox = make_inbox(settings, start=False)
+    path = settings.inbox_dir / "gone.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(VALID)
+    st = os.lstat(path)
+    path.unlink()
+    assert inbox._read("gone.yaml", st) is None
+    assert list(settings.inbox_dir.iterdir()) == []
+
+
+def test_file_swapped_for_a_fifo_or_a_link_after_stat_is_never_opened_as_one(tmp_path):
+    path = tmp_path / "swap.yaml"
+    path.write_text(VALID)
+    st = os.lstat(path)
+    os.mkfifo(tmp_path / "fifo")
+    os.rename(tmp_path / "fifo", path)  # a FIFO now: open() must not block, and it is not read
+    with pytest.raises(_Changed):
+        read_regular_file(path, st)
+    path.unlink()
+    os.symlink("/etc/passwd", path)
+    with pytest.raises(JobFileError, match="cannot read"):  # O_NOFOLLOW
+        read_regular_file(path, st)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
@@ -497,9 +535,8 @@ def test_any_bytes_yield_exactly_a_spec_or_an_error(tmp_path, content):
     name = f"f{time.monotonic_ns()}.yaml"
     (settings.inbox_dir / name).write_bytes(content)
     inbox.note_event(name, "ready")
-    results = [r for r in inbox.take() if r.path.name == name]
-    assert len(results) == 1
-    (result,) = results
+    (result,) = take_until(inbox, 1, timeout=2)  # an empty file settles for settle_time first
+    assert result.path.name == name
     assert (result.spec is None) != (result.error is None)
     if result.error:
         assert "\n" not in result.error
