@@ -100,7 +100,10 @@ def describe_holder(lock_path: Path) -> str:
     holders = _proc_locks_pids(lock_path)
     if isinstance(info, dict) and isinstance(info.get("pid"), int) and _alive(info["pid"]):
         pid = info["pid"]
-        if not holders or pid in holders or _same_group_alive(pid, holders):
+        # /proc/locks names the process that took the lock: the daemon (the holder's parent), or
+        # nobody alive when the taker died and the holder inherited it; another live pid means a stale file
+        live = [h for h in holders if _alive(h)]
+        if not live or pid in live or _parent(pid) in live or _same_group_alive(pid, live):
             words = f"pid {pid} ({info.get('command') or process_command(pid) or '?'})"
             if info.get("job"):
                 words += f", job {info['job']}"
@@ -129,6 +132,14 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True
     return True
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        return int(raw[raw.rindex(")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _same_group_alive(pid: int, others: list[int]) -> bool:
