@@ -11,9 +11,9 @@ How a file is noticed:
 - a full rescan every rescan_interval in both modes, because inotify drops events
   when its queue overflows. A file found by a scan alone settles like a polled one.
 
-Promise 8: any file is survived. Only regular files are opened (lstat first, then
-O_NOFOLLOW|O_NONBLOCK and an fstat check), at most MAX_JOB_FILE_BYTES+1 bytes are
-read, and the YAML is checked for bombs before it is built (daemon/spec.py). A
+Promise 8: any file is survived. What may be opened and how much is read is
+daemon/inbox_files.py's; the YAML is checked for bombs before it is built
+(daemon/spec.py); a bug in either costs one file, never the daemon. A
 rejection writes `<file>.rejected` (one line, 0600) beside the file, which stays;
 editing the file makes it read again.
 Promise 12: an inbox writable by other users is refused at start.
@@ -37,24 +37,17 @@ from watchdog.events import FileSystemEventHandler
 
 from daemon.atomic import fsync_dir, write_bytes_atomic
 from daemon.config import Settings
-from daemon.spec import MAX_JOB_FILE_BYTES, JobFileError, JobSpec, check_name, one_line, parse_job_bytes, read_at_most
+from daemon.inbox_files import (SILENT_FILESYSTEMS, FileChanged, InboxError, Signature, check_inbox_dir,
+                                filesystem_type, read_regular_file, signature)
+from daemon.spec import JobFileError, JobSpec, check_name, one_line, parse_job_bytes
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 1.0         # auto mode: how long the start-up probe file waits for its inotify event
 STALE_WRITER_AFTER = 120.0  # a file opened for writing whose close event never came (lost) is read after this
 REJECTED_SUFFIX = ".rejected"
-# filesystems where files change without this kernel seeing it (the Windows side of
-# WSL2, other NFS/SMB clients), so inotify stays silent about them: poll instead
-SILENT_FILESYSTEMS = {"9p", "v9fs", "drvfs", "nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "sshfs",
-                      "vboxsf", "vmhgfs", "fuse.vmhgfs-fuse", "prl_fs", "ceph", "glusterfs", "fuse.glusterfs",
-                      "afs", "fuse.rclone", "fuse.s3fs", "gcsfuse", "fuse.gcsfuse"}
 
-Signature = tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns: one content version
-
-
-class InboxError(Exception):
-    """The inbox cannot be used as configured (the operator's setting, not a user's file)."""
+__all__ = ["Inbox", "InboxError", "InboxResult", "is_candidate"]
 
 
 @dataclass(frozen=True)
@@ -79,10 +72,6 @@ def is_candidate(name: str) -> bool:
     return not name.startswith(".") and (low.endswith(".yaml") or low.endswith(".yml"))
 
 
-def signature(st: os.stat_result) -> Signature:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 class Inbox:
     """Watches settings.inbox_dir; take() hands over files that became stable."""
 
@@ -91,8 +80,9 @@ class Inbox:
         self.settings = settings
         self.dir = Path(settings.inbox_dir)
         self.wake = wake
-        self.mode = "polling" if settings.inbox_mode == "polling" else "inotify"
-        self.mode_reason = f"inbox_mode is polling; polling every {settings.poll_interval:g}s" if settings.inbox_mode == "polling" else ""
+        forced = settings.inbox_mode == "polling"
+        self.mode = "polling" if forced else "inotify"   # "inotify" | "polling"
+        self.mode_reason = f"inbox_mode is polling; polling every {settings.poll_interval:g}s" if forced else ""
         self._observer_factory = observer_factory or _inotify_observer
         self._observer = None
         self._lock = threading.Lock()          # guards _events and _rescan_due (watcher threads write them)
@@ -158,6 +148,7 @@ class Inbox:
 
     def _probe(self) -> bool:
         """Write a hidden file and wait for its event: is inotify heard here at all?"""
+        self._probe_seen.clear()
         self._probe_name = f".nanod-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         path = self.dir / self._probe_name
         try:
@@ -298,7 +289,7 @@ class Inbox:
         except FileNotFoundError:
             self._forget(name)
             return None
-        except _Changed:
+        except FileChanged:
             return None  # written to while we read: the next event or settle reads it again
         except JobFileError as e:
             return self._reject_now(path, str(e), signature(st))
@@ -402,93 +393,6 @@ class Inbox:
                     os.unlink(self.dir / n)
                 except OSError:
                     pass
-
-
-class _Changed(Exception):
-    """The file changed while it was read."""
-
-
-def read_regular_file(path: Path, st: os.stat_result) -> tuple[bytes, Signature]:
-    """At most MAX_JOB_FILE_BYTES+1 bytes of a regular file, never following a link nor blocking.
-
-    Raises JobFileError for what is not a readable regular file, _Changed when the
-    file is not the one lstat saw or changed during the read.
-    """
-    what = _kind(st.st_mode)
-    if what == "a symbolic link":
-        raise JobFileError(f"{path.name}: is a symbolic link; links in the inbox are not followed "
-                           "(copy or move the file in)")
-    if what != "a regular file":
-        raise JobFileError(f"{path.name}: is {what}, not a regular file")
-    if st.st_size > MAX_JOB_FILE_BYTES:
-        raise JobFileError(f"{path.name}: is {st.st_size} bytes; a job file is at most "
-                           f"{MAX_JOB_FILE_BYTES} bytes (a few lines)")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise JobFileError(f"{path.name}: cannot read: {e.strerror or e}") from None
-    try:
-        before = os.fstat(fd)
-        if signature(before) != signature(st) or not stat.S_ISREG(before.st_mode):
-            raise _Changed()  # replaced between lstat and open
-        raw = read_at_most(fd, MAX_JOB_FILE_BYTES + 1)
-        after = signature(os.fstat(fd))
-    except OSError as e:
-        raise JobFileError(f"{path.name}: cannot read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    if after != signature(st):
-        raise _Changed()
-    return raw, after
-
-
-def _kind(mode: int) -> str:
-    for test, what in ((stat.S_ISREG, "a regular file"), (stat.S_ISLNK, "a symbolic link"),
-                       (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return what
-    return "a special file"
-
-
-def check_inbox_dir(inbox: Path) -> None:
-    """Create the inbox 0700 if missing; refuse one that other users can write to (promise 12)."""
-    try:
-        inbox.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = os.stat(inbox)
-    except OSError as e:
-        raise InboxError(f"inbox {inbox}: {e.strerror or e}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise InboxError(f"inbox {inbox} is not a directory")
-    if st.st_uid != os.geteuid():
-        raise InboxError(f"inbox {inbox} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}), "
-                         "who could write jobs into it; use a directory of your own")
-    if st.st_mode & 0o022:
-        raise InboxError(f"inbox {inbox} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
-                         f"chmod 700 it")
-
-
-def filesystem_type(path: Path, mountinfo: str | None = None) -> str:
-    """The type of the filesystem holding `path` ("ext4", "9p", ...), "" when unknown."""
-    if mountinfo is None:
-        try:
-            mountinfo = Path("/proc/self/mountinfo").read_text()
-        except OSError:
-            return ""
-    target = os.path.realpath(path)
-    best, best_type = "", ""
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if "-" not in fields or len(fields) < 5:
-            continue
-        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-        fstype = fields[fields.index("-") + 1] if fields.index("-") + 1 < len(fields) else ""
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
-            best, best_type = point, fstype
-    return best_type
 
 
 # ---- watchdog glue -------------------------------------------------------------------------

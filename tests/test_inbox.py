@@ -19,7 +19,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from daemon.config import Settings
-from daemon.inbox import Inbox, InboxError, _Changed, filesystem_type, is_candidate, read_regular_file
+from daemon.inbox import Inbox, InboxError, is_candidate
+from daemon.inbox_files import FileChanged, filesystem_type, read_regular_file
 from daemon.spec import JobFileError
 from tests.conftest import wait_until
 
@@ -330,7 +331,7 @@ def test_file_swapped_for_a_fifo_or_a_link_after_stat_is_never_opened_as_one(tmp
     st = os.lstat(path)
     os.mkfifo(tmp_path / "fifo")
     os.rename(tmp_path / "fifo", path)  # a FIFO now: open() must not block, and it is not read
-    with pytest.raises(_Changed):
+    with pytest.raises(FileChanged):
         read_regular_file(path, st)
     path.unlink()
     os.symlink("/etc/passwd", path)
