@@ -26,10 +26,11 @@ FINISHED_STATES = ("done", "failed", "cancelled")
 HEARTBEAT_STALE_S = 60.0    # a live daemon writes daemon.json every tick (0.5 s); a minute is a hang
 RECENT_EVENTS = 12          # how many events the view keeps
 LOSS_POINTS = 200           # recent (step, loss) pairs kept per job
-# job events worth showing among the recent ones (progress chatter is not)
-NOTABLE_KINDS = {"rejected", "failed", "crashed", "oom", "oom_backoff", "stalled", "restart", "relaunch",
-                 "gave_up", "paused", "disk_low", "health_warning", "daemon_start", "daemon_stop",
-                 "cancelled", "done", "error", "survivor", "bad_args"}
+# job events worth showing among the recent ones (kinds from queue/attempts/supervisor; chatter such
+# as "started", "resumed", "pruned" is left out)
+NOTABLE_KINDS = {"crashed", "restart", "stalled", "oom", "oom_backoff", "gave_up", "failed", "bad_args",
+                 "preflight_failed", "preflight_warning", "paused", "waiting", "survivor", "killed", "error",
+                 "prune_error", "phase_done", "done", "cancelled", "requeued", "retry", "relaunch"}
 
 
 # ---- the outside world (replaced by a fixed one in tests) ---------------------------
@@ -232,6 +233,8 @@ def build_view(settings, *, probe: Probe | None = None) -> dict:
             a["alive"] = (probe.pid_alive(a.get("pid"), a.get("proc_start"))
                           if a.get("ended_at") is None and a.get("pid") else None)
     current = next((j["name"] for s in ACTIVE_STATES for j in jobs if j["state"] == s), None)
+    if current is None:  # an interrupted job queued to resume is still the one to show
+        current = next((j["name"] for j in jobs if j["state"] == "queued" and j["attempts"]), None)
     health = probe.health(settings)
     daemon = daemon_view(settings, probe, now)
     events = _recent_events(settings, records)
@@ -266,8 +269,12 @@ def daemon_view(settings, probe: Probe, now: float) -> dict:
         summary = "down: it has never run in this home" if not held else "down: the lock is held but no daemon.json"
     elif alive and not held:
         summary = f"down: pid {pid} is alive but does not hold state/daemon.lock (not nanod)"
+    elif isinstance(info.get("stopped_at"), (int, float)):
+        summary = f"down: stopped cleanly {_short(now - info['stopped_at'])} ago"
     else:
-        summary = f"down: pid {pid} is not running" + ("" if not held else "; something else holds the lock")
+        summary = f"down: pid {pid} is not running and did not stop cleanly (killed, crashed or power loss)"
+    if not up and held and info:
+        summary += "; something else holds state/daemon.lock (a nanod command, for a moment?)"
     return {
         "up": up,
         "summary": summary,
@@ -279,6 +286,7 @@ def daemon_view(settings, probe: Probe, now: float) -> dict:
         "heartbeat_at": beat,
         "heartbeat_age_s": beat_age,
         "heartbeat_stale": stale,
+        "stopped_at": _opt_num(info.get("stopped_at")) if not up else None,
         "version": info.get("version"),
         "inbox": str(settings.inbox_dir),
         "inbox_mode": info.get("inbox_mode") if up else None,
@@ -431,11 +439,16 @@ def _recent_events(settings, records: list[dict]) -> list[dict]:
                        "file": ev.get("file"), "attempt": None, "message": _one_line(ev.get("message"))})
     for rec in records:
         for ev in (rec.get("events") or [])[-RECENT_EVENTS:]:
-            if isinstance(ev, dict) and ev.get("kind") in NOTABLE_KINDS:
+            if isinstance(ev, dict) and (ev.get("kind") in NOTABLE_KINDS or str(ev.get("kind")).startswith("stop_")):
                 merged.append({"at": _opt_num(ev.get("at")), "kind": str(ev.get("kind")), "job": rec.get("name"),
                                "file": None, "attempt": ev.get("attempt"), "message": _one_line(ev.get("message"))})
     merged.sort(key=lambda e: e["at"] or 0.0)
     return merged[-RECENT_EVENTS:]
+
+
+def _short(seconds: float) -> str:
+    from daemon.units import format_duration
+    return format_duration(seconds)
 
 
 def _age(now: float, at: float | None) -> float | None:

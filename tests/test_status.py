@@ -166,9 +166,15 @@ def test_daemon_down_is_said_plainly_with_the_saved_state(tmp_path):
     text = render_text(view)
     assert not view["daemon"]["up"]
     assert text.splitlines()[0].startswith("nanod  DOWN")
-    assert "last heartbeat 3h00m ago" in text
+    assert "did not stop cleanly" in text and "last heartbeat 3h00m ago" in text
     assert "its trainer is not running" in text
     assert "step 1250/3520" in text
+
+
+def test_a_clean_stop_is_told_apart_from_a_death(tmp_path):
+    _, view = prepared("daemon_stopped", tmp_path)
+    assert view["daemon"]["summary"] == "down: stopped cleanly 10m00s ago"
+    assert "resumes at the next start" in render_text(view)
 
 
 def test_empty_home_says_how_to_start(tmp_path):

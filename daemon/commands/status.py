@@ -105,7 +105,7 @@ def render_text(view: dict, width: int = 80, color: bool = False) -> str:
     sc = _Screen(width)
     now = view["generated_at"]
     d = view["daemon"]
-    sc.add(*_daemon_line(d))
+    _daemon_line(sc, d)
     mode = f" ({d['inbox_mode']})" if d["up"] and d.get("inbox_mode") else ""
     sc.add(("inbox  ", "bold"), (_short_path(d["inbox"], width - 7 - len(mode)) + mode, None))
     if d["up"] and d.get("inbox_mode_reason"):
@@ -167,7 +167,7 @@ def render_text(view: dict, width: int = 80, color: bool = False) -> str:
     return "".join(_draw(line, width, color) + "\n" for line in sc.lines)
 
 
-def _daemon_line(d: dict) -> list:
+def _daemon_line(sc: _Screen, d: dict) -> None:
     if d["up"]:
         up = f"up {_dur(d['uptime_s'])}, pid {d['pid']}" if d.get("uptime_s") is not None else f"up, pid {d['pid']}"
         line = [("nanod  ", "bold"), (up, "green")]
@@ -175,9 +175,11 @@ def _daemon_line(d: dict) -> list:
             line.append((f" · no heartbeat for {_dur(d['heartbeat_age_s'])}: hung?", "redbold"))
         elif d.get("version"):
             line.append((f" · v{d['version']}", "dim"))
-        return line
-    seen = f" (last heartbeat {_dur(d['heartbeat_age_s'])} ago)" if d.get("heartbeat_age_s") is not None else ""
-    return [("nanod  ", "bold"), ("DOWN", "redbold"), (" " + d["summary"].removeprefix("down: ") + seen, "red")]
+        sc.add(*line)
+        return
+    seen = f"; last heartbeat {_dur(d['heartbeat_age_s'])} ago" if d.get("heartbeat_age_s") is not None \
+        and not d.get("stopped_at") else ""
+    sc.para("nanod  ", "DOWN · " + d["summary"].removeprefix("down: ") + seen, "redbold", "bold")
 
 
 def _job_block(sc: _Screen, j: dict, daemon_up: bool, now: float) -> None:
