@@ -444,3 +444,174 @@ def test_standin_underscore_plan_with_mid_runs_through_the_adapter(tmp_path, und
         assert sum("Validation" in line for line in log.read_text().splitlines()) <= 2
     assert steps == {"base": 12, "mid": 6, "sft": 4}  # the configurator's chat_sft saves at N-1
     assert progress_in(tmp_path / "sft.log", ad)[-1].step == 4
+
+
+# ---- end to end: the real daemon over the stand-in ------------------------------------
+
+class Daemon:
+    """`nanod run` in a temporary home, its inbox, and its job records."""
+
+    def __init__(self, tmp_path: Path, repo: Path, env: dict[str, str]):
+        self.home, self.nc = tmp_path / "home", tmp_path / "nc"
+        (self.home / "jobs").mkdir(parents=True, mode=0o700)
+        os.chmod(self.home, 0o700)
+        (self.home / "config.toml").write_text(
+            f'nanochat_repos = ["{repo}"]\nnanochat_base_dir = "{self.nc}"\nlock_dir = "{tmp_path / "locks"}"\n'
+            'tick_interval = "0.1s"\n')
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("NANOD_", "STANDIN_"))}
+        full.update({"STANDIN_STEP_SECONDS": "0.02", **env})
+        self.out = open(tmp_path / "daemon.out", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--home", str(self.home), "run"],
+                                     cwd=Path(__file__).resolve().parents[1], env=full, stdout=self.out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def submit(self, name: str, text: str) -> None:
+        tmp = self.home / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.rename(self.home / "jobs" / f"{name}.yaml")
+
+    def record(self, name: str) -> dict:
+        try:
+            return json.loads((self.home / "state/jobs" / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def wait_state(self, name: str, state: str, timeout: float = 60) -> dict:
+        def reached():
+            rec = self.record(name)
+            if rec.get("state") in ("failed", "cancelled") and state != rec.get("state"):
+                pytest.fail(f"job {name} {rec['state']}: {rec.get('reason')}")
+            return rec if rec.get("state") == state else None
+        return wait_until(reached, timeout=timeout, message=f"job {name} {state}")
+
+    def argvs(self, name: str) -> list[list[str]]:
+        """What each attempt's process received, as the stand-in printed it."""
+        out = []
+        for att in self.record(name)["attempts"]:
+            text = (self.home / att["log"]).read_text(errors="replace")
+            line = next(ln for ln in text.splitlines() if ln.startswith("standin["))
+            out.append(json.loads(line.split(" argv: ", 1)[1]))
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        for path in (self.home / "state/jobs").glob("*.json"):  # nothing of ours may outlive the test
+            for att in json.loads(path.read_text()).get("attempts", []):
+                if att.get("pgid") and att.get("ended_at") is None:
+                    try:
+                        os.killpg(att["pgid"], signal.SIGKILL)
+                    except OSError:
+                        pass
+        self.out.close()
+
+
+@pytest.fixture
+def start_daemon(tmp_path):
+    daemons = []
+
+    def start(repo: Path, **env) -> Daemon:
+        d = Daemon(tmp_path, repo, env)
+        daemons.append(d)
+        return d
+    yield start
+    for d in daemons:
+        d.stop()
+
+
+def plan_yaml(repo: Path, phases: list[dict], **top) -> str:
+    import yaml
+    data = {"model_tag": "d4", "runner": "nanochat", "nanochat": {"repo": str(repo), "python": ".venv/bin/python"},
+            "recovery": {"stall_timeout": "30s", "startup_grace": "30s", "kill_grace": "5s", "backoff_max": "1s"},
+            "phases": phases, **top}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def kill_attempt(d: Daemon, name: str) -> None:
+    att = d.record(name)["attempts"][-1]
+    os.killpg(att["pgid"], signal.SIGKILL)
+
+
+slow = pytest.mark.slow  # the daemon, real processes, real signals
+
+
+@slow
+def test_e2e_dash_plan_runs_base_then_sft_from_base_final(start_daemon, dash):
+    d = start_daemon(dash)
+    d.submit("nc", plan_yaml(dash, [BASE, SFT]))
+    rec = d.wait_state("nc", "done")
+    assert rec["phase_final_steps"] == {"base": 12, "sft": 5}
+    assert [a["outcome"] for a in rec["attempts"]] == ["completed", "completed"]
+    base, sft = d.argvs("nc")
+    assert "--model-tag=d4" in base and sft[-2:] == ["--model-tag=d4", "--model-step=12"]
+    assert rec["progress"]["step"] == 5 and rec["checkpoint"] == {**rec["checkpoint"], "phase": "sft", "step": 5}
+
+
+@slow
+def test_e2e_kill9_during_and_between_saves_resumes_from_newest_complete_with_identical_args(start_daemon, dash):
+    d = start_daemon(dash, STANDIN_STEP_SECONDS="0.15", STANDIN_SAVE_SECONDS="0.4")
+    d.submit("nc", plan_yaml(dash, [BASE]))
+    ckpts = d.nc / "base_checkpoints/d4"
+    # 1. during the save of step 8: its model (maybe its meta) is there, its optimizer file not yet
+    wait_until(lambda: layout.model_path(ckpts, 8).exists(), timeout=30)
+    assert not layout.optim_path(ckpts, 8).exists()
+    kill_attempt(d, "nc")
+    wait_until(lambda: len(d.record("nc")["attempts"]) == 2 and d.record("nc")["attempts"][1].get("pid"), timeout=30)
+    # 2. between saves: the relaunch has saved step 8 again, whole, and steps on towards 12
+    wait_until(lambda: layout.is_complete(ckpts, 8), timeout=30)
+    assert not layout.model_path(ckpts, 12).exists()
+    kill_attempt(d, "nc")
+    rec = d.wait_state("nc", "done")
+    first, second, third = d.argvs("nc")
+    assert [a["resumed_from"] for a in rec["attempts"]] == [None, 4, 8]
+    assert [a["outcome"] for a in rec["attempts"]] == ["crashed", "crashed", "completed"]
+    assert second == first + ["--total-batch-size=1024", "--resume-from-step=4"]
+    assert third == first + ["--total-batch-size=1024", "--resume-from-step=8"]
+    assert rec["phase_final_steps"] == {"base": 12} and layout.is_complete(ckpts, 12)
+
+
+@slow
+def test_e2e_oom_text_halves_device_batch_size_and_keeps_the_other_args(start_daemon, dash):
+    d = start_daemon(dash, STANDIN_OOM_ABOVE="2")
+    base = {"phase": "base", "args": {**BASE["args"], "device_batch_size": 8}}
+    d.submit("nc", plan_yaml(dash, [base, SFT]))
+    rec = d.wait_state("nc", "done")
+    assert [a["outcome"] for a in rec["attempts"]] == ["oom", "oom", "completed", "completed"]
+    assert [a["device_batch_size"] for a in rec["attempts"]] == [8, 4, 2, 2]
+    argvs = d.argvs("nc")
+    assert [a for a in argvs[0] if "batch" not in a] == [a for a in argvs[2] if "batch" not in a]
+    assert "--device-batch-size=2" in argvs[2] and "--device-batch-size=2" in argvs[3]
+    assert sum(e["kind"] == "oom_backoff" for e in rec["events"]) == 2
+
+
+@slow
+def test_e2e_underscore_checkout_runs_base_mid_sft_in_its_flag_style(start_daemon, underscore):
+    d = start_daemon(underscore)
+    d.submit("old", plan_yaml(underscore, [U_BASE, MID, U_SFT]))
+    rec = d.wait_state("old", "done")
+    base, mid, sft = d.argvs("old")
+    assert "--device_batch_size=4" in base and f"--eval_every={NEVER}" in base and f"--sample_every={NEVER}" in base
+    assert mid[-2:] == ["--model_tag=d4", "--step=12"]
+    assert sft[-3:] == ["--model_tag=d4", "--source=mid", "--step=6"]
+    assert rec["phase_final_steps"]["base"] == 12 and rec["phase_final_steps"]["mid"] == 6
+    assert layout.is_complete(d.nc / "chatsft_checkpoints/d4", 4, optim_ranks=0)
+
+
+@slow
+def test_e2e_phase_without_resume_restarts_from_its_input_checkpoint(start_daemon, dash, tmp_path):
+    d = start_daemon(dash)
+    sft = {**SFT, "env": {"STANDIN_CRASH_AT_STEP": "3", "STANDIN_FAULT_ONCE": str(tmp_path / "crashed-once")}}
+    d.submit("nc", plan_yaml(dash, [BASE, sft]))
+    rec = d.wait_state("nc", "done")
+    atts = rec["attempts"]
+    assert [(a["phase"], a["outcome"]) for a in atts] == [("base", "completed"), ("sft", "crashed"),
+                                                          ("sft", "completed")]
+    assert [(a["resumed_from"], a["init_from"]) for a in atts[1:]] == [(None, 12), (None, 12)]
+    _, first, again = d.argvs("nc")
+    assert again == first and not any("resume" in a for a in again)
+    assert rec["phase_final_steps"]["sft"] == 5

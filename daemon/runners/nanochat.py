@@ -357,6 +357,11 @@ class NanochatAdapter:
         return classify_exit(returncode, log_tail)
 
 
+def adapter_for(settings, spec) -> NanochatAdapter:
+    """The adapter of one nanochat job (daemon/attempts.py looks this up by spec.runner)."""
+    return NanochatAdapter(settings, spec)
+
+
 def format_flags(flags: dict, *, style: str, script: Script) -> list[str]:
     """`--key=value` strings in the checkout's spelling.
 
