@@ -64,4 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as `python -m daemon.cli`: dispatch through the imported module so that
+    # commands raising daemon.cli.UserError meet the same class that main() catches
+    from daemon.cli import main as _main
+    sys.exit(_main())
