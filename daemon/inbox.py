@@ -336,9 +336,9 @@ class Inbox:
         dest = dest_dir / f"{name}.yaml"
         kept = self._raw.pop(path.name, None)
         if kept is None:  # not from take(): read it the careful way
-            st = os.lstat(path)
-            kept = read_regular_file(path, st)[::-1]
-        sig, raw = kept
+            raw, sig = read_regular_file(path, os.lstat(path))
+        else:
+            sig, raw = kept
         # the bytes that were validated are what is kept, whatever the file holds now
         write_bytes_atomic(dest, raw)
         try:

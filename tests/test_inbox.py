@@ -125,10 +125,10 @@ def test_file_being_written_is_not_read_until_complete(settings, make_inbox):
 
 
 def test_file_touched_before_it_is_written_is_not_rejected_as_empty(settings, make_inbox):
-    inbox = make_inbox(settings)
+    inbox = make_inbox(settings.model_copy(update={"settle_time": 1.0}))
     path = settings.inbox_dir / "touched.yaml"
     path.touch()  # `touch x.yaml; cat >> x.yaml`: the first close event is for an empty file
-    time.sleep(settings.settle_time / 4)
+    time.sleep(0.05)
     assert inbox.take() == []
     path.write_text(VALID)
     (result,) = take_until(inbox)
@@ -154,14 +154,14 @@ def test_polling_mode_takes_files(settings, make_inbox):
 
 
 def test_polling_mode_waits_for_a_growing_file_to_settle(settings, make_inbox):
-    inbox = make_inbox(settings.model_copy(update={"inbox_mode": "polling"}))
+    inbox = make_inbox(settings.model_copy(update={"inbox_mode": "polling", "settle_time": 0.5}))
     path = settings.inbox_dir / "grow.yaml"
     with open(path, "w") as f:
         f.write("phases:\n  - phase: base\n")
-        for _ in range(6):  # a write every 0.1 s keeps it from ever being unchanged for settle_time (0.2 s)
+        for _ in range(12):  # a write every 0.05 s keeps it from ever being unchanged for settle_time (0.5 s)
             f.flush()
             assert inbox.take() == []
-            time.sleep(0.1)
+            time.sleep(0.05)
             f.write("    # still writing\n")
         f.write("    args: {depth: 6}\n")
     (result,) = take_until(inbox)
