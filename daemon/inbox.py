@@ -42,6 +42,9 @@ from daemon.inbox_files import (SILENT_FILESYSTEMS, FileChanged, InboxError, Sig
 from daemon.spec import JobFileError, JobSpec, check_name, one_line, parse_job_bytes
 
 log = logging.getLogger(__name__)
+# watchdog logs this at ERROR when its reader thread wakes during a normal stop: noise in every shutdown
+logging.getLogger("watchdog.observers.inotify").addFilter(
+    lambda record: "called when the thread is inactive" not in record.getMessage())
 
 PROBE_TIMEOUT = 1.0         # auto mode: how long the start-up probe file waits for its inotify event
 STALE_WRITER_AFTER = 120.0  # a file opened for writing whose close event never came (lost) is read after this
