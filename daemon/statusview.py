@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -227,16 +228,18 @@ def build_view(settings, *, probe: Probe | None = None) -> dict:
     now = probe.now()
     records = read_job_records(settings)
     jobs = [job_view(r, now) for r in records]
+    daemon = daemon_view(settings, probe, now)
     for j in jobs:  # a trainer can outlive the daemon (it holds the GPU lock): say whether it does
         a = j["attempt"]
         if a is not None:
             a["alive"] = (probe.pid_alive(a.get("pid"), a.get("proc_start"))
                           if a.get("ended_at") is None and a.get("pid") else None)
+            if a["alive"] and not daemon["up"]:
+                _progress_from_log(settings, j, a, now)  # nobody updates the record: read the trainer's own words
     current = next((j["name"] for s in ACTIVE_STATES for j in jobs if j["state"] == s), None)
     if current is None:  # an interrupted job queued to resume is still the one to show
         current = next((j["name"] for j in jobs if j["state"] == "queued" and j["attempts"]), None)
     health = probe.health(settings)
-    daemon = daemon_view(settings, probe, now)
     events = _recent_events(settings, records)
     return {
         "schema": SCHEMA,
@@ -350,8 +353,7 @@ def _progress_view(rec: dict, state: str, last: dict | None, now: float) -> dict
             done = step - _num(last.get("first_step") or last.get("resumed_from"), 0)
             if done > 0:
                 eta = remaining * (at - _num(last["started_at"], at)) / done
-    losses = [[int(s), float(v)] for s, v in (p.get("losses") or [])[-LOSS_POINTS:]
-              if isinstance(s, (int, float)) and isinstance(v, (int, float))]
+    losses = trajectory(p.get("losses") or [])[-LOSS_POINTS:]
     return {
         "phase": p.get("phase"),
         "step": int(step),
@@ -365,7 +367,54 @@ def _progress_view(rec: dict, state: str, last: dict | None, now: float) -> dict
         "age_s": _age(now, at),
         "eta_s": None if eta is None else round(eta, 1),
         "losses": losses,
+        "from_log": False,
     }
+
+
+def trajectory(pairs: list) -> list[list]:
+    """The (step, loss) path that led to the newest step: a resume that redoes steps, or a new
+    phase starting at step 1, replaces what came after that step (and a re-read log repeats nothing)."""
+    out: list[list] = []
+    for pair in pairs:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            continue
+        step, loss = pair
+        if not isinstance(step, (int, float)) or not isinstance(loss, (int, float)) or isinstance(step, bool):
+            continue
+        while out and out[-1][0] >= step:
+            out.pop()
+        out.append([int(step), float(loss)])
+    return out
+
+
+_STEP_LINE = re.compile(rb"^step\s+(\d+)(?:/(\d+))?[^\n]*?\|\s*loss:\s*([-+0-9.eE]+)")
+
+
+def _progress_from_log(settings, job: dict, attempt: dict, now: float) -> None:
+    """The newest step line in the tail of a live attempt's log, over the (stale) recorded progress."""
+    log = attempt.get("log") or ""
+    path = Path(log) if os.path.isabs(log) else settings.home / log
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            tail = f.read()
+            at = os.fstat(f.fileno()).st_mtime
+    except OSError:
+        return
+    for line in reversed(tail.splitlines()):
+        m = _STEP_LINE.match(line.strip())
+        if m:
+            p = job["progress"] or {"phase": attempt.get("phase"), "losses": [], "tok_per_sec": None,
+                                    "dt_ms": None, "peak_mem_gib": None, "eta_s": None}
+            step, total, loss = int(m.group(1)), int(m.group(2)) if m.group(2) else p.get("total"), float(m.group(3))
+            if p.get("step") is not None and step <= p["step"]:
+                return
+            p.update(step=step, total=total, loss=loss, at=at, age_s=_age(now, at), from_log=True,
+                     percent=round(100.0 * step / total, 2) if total else None)
+            p["losses"] = trajectory(p.get("losses", []) + [[step, loss]])[-LOSS_POINTS:]
+            job["progress"] = p
+            return
 
 
 def _checkpoint_view(c: object, now: float) -> dict | None:

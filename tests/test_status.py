@@ -249,3 +249,30 @@ def test_watch_refreshes_until_interrupted(tmp_path):
     finally:
         proc.send_signal(2)
         assert proc.wait(10) == 0
+
+
+def test_trajectory_keeps_the_path_to_the_newest_step():
+    from daemon.statusview import trajectory
+    resumed = [[1, 5.0], [2, 4.0], [3, 3.5], [4, 3.4], [3, 3.6], [4, 3.3], [5, 3.1]]
+    assert trajectory(resumed) == [[1, 5.0], [2, 4.0], [3, 3.6], [4, 3.3], [5, 3.1]]
+    reread = [[1, 5.0], [2, 4.0], [1, 5.0], [2, 4.0]]
+    assert trajectory(reread) == [[1, 5.0], [2, 4.0]]
+    assert trajectory([[1, 2.0], "junk", [True, 1.0], [2, None]]) == [[1, 2.0]]
+
+
+def test_daemon_down_with_a_live_trainer_reads_progress_from_its_log(tmp_path):
+    d = tmp_path / "daemon_down"
+    shutil.copytree(FIXTURES / "daemon_down", d)
+    log = d / "home" / "logs" / "d8-4060" / "attempt-003.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("step 01251/03520 (35.54%) | loss: 3.100000 | dt: 812.00ms\n"
+                   "step 01252/03520 (35.57%) | loss: 3.090000 | dt: 812.00ms\nhalf a li")
+    world = json.loads((d / "world.json").read_text())
+    world["alive_pids"] = [5151]
+    settings = load_settings(d / "home", lock_dir=d / "locks", nanochat_base_dir=d / "nanochat")
+    view = build_view(settings, probe=FixtureProbe(d, world))
+    p = view["jobs"][0]["progress"]
+    assert (p["step"], p["loss"], p["from_log"]) == (1252, 3.09, True)
+    assert p["losses"][-1] == [1252, 3.09]
+    text = render_text(view)
+    assert "its trainer is still running" in text and "step 1252/3520" in text
