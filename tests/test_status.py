@@ -276,3 +276,15 @@ def test_daemon_down_with_a_live_trainer_reads_progress_from_its_log(tmp_path):
     assert p["losses"][-1] == [1252, 3.09]
     text = render_text(view)
     assert "its trainer is still running" in text and "step 1252/3520" in text
+
+
+def test_every_json_key_is_documented(tmp_path):
+    doc = (ROOT / "docs" / "status-json.md").read_text()
+    _, view = prepared("running", tmp_path)
+    job = view["jobs"][0]
+    groups = {"top": view, "daemon": view["daemon"], "job": job, "progress": job["progress"],
+              "attempt": job["attempt"], "checkpoint": job["checkpoint"], "gpu": view["gpus"][0],
+              "vram": view["gpus"][0]["vram"], "health": view["health"], "event": view["events"][0],
+              "rejected": view["rejected"][0]}
+    missing = [f"{g}.{k}" for g, obj in groups.items() for k in obj if f'"{k}"' not in doc and f"`{k}`" not in doc]
+    assert not missing, f"document these in docs/status-json.md: {missing}"
