@@ -123,3 +123,44 @@ def test_exec_words_are_quoted_for_systemd():
     assert quote_arg('say "hi"') == '"say \\"hi\\""'
     unit = render_unit("[Service]\nExecStart=x\nEnvironment=PYTHONUNBUFFERED=1\n", ["/p/nanod", "run"], {"A": "1 2"})
     assert "ExecStart=/p/nanod run\n" in unit and 'Environment="A=1 2"' in unit
+
+
+def test_nanod_run_tells_systemd_ready_then_watchdog_then_stopping(tmp_path):
+    """End to end under a real NOTIFY_SOCKET, as Type=notify with WatchdogSec= sets it up."""
+    import signal
+    import socket
+    import time
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.5)
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000",
+           "NANOD_LOCK_DIR": str(tmp_path / "locks"), "NANOCHAT_BASE_DIR": str(tmp_path / "nanochat")}
+    env.pop("WATCHDOG_PID", None)
+    proc = subprocess.Popen([*NANOD, "--home", str(tmp_path / "home"), "run"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+
+    def receive_until(word: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(word in m.split("\n") for m in seen):
+            assert time.monotonic() < deadline, f"no {word} from nanod run within {timeout}s (got {seen})"
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                seen.append(sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+    try:
+        receive_until("READY=1", 30)
+        receive_until("WATCHDOG=1", 10)
+        proc.send_signal(signal.SIGTERM)
+        receive_until("STOPPING=1", 30)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
+    order = [w for m in seen for w in m.split("\n") if w in ("READY=1", "STOPPING=1")]
+    assert order[0] == "READY=1" and order[-1] == "STOPPING=1"

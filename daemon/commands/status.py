@@ -275,7 +275,7 @@ def _event_lines(sc: _Screen, ev: dict, now: float) -> None:
     if who and who not in msg:
         msg = f"{who}: {msg}"
     ago = _short_age(now - ev["at"]) if ev.get("at") is not None else "?"
-    sc.para(f"  {ago:>6}  ", f"{kind.replace('_', ' ')} · {msg}", style)
+    sc.para(f"  {ago:>6}  ", f"{kind.replace('_', ' ')} · {msg}", style, max_lines=2)
 
 
 # ---- small pieces -------------------------------------------------------------------------
