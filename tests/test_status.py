@@ -30,6 +30,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "status"
 GOLDEN = ROOT / "tests" / "golden"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "world.json").exists())
 REGEN = bool(os.environ.get("NANOD_REGEN_GOLDEN"))
+NANOD = [sys.executable, "-c", "import sys; from daemon.cli import main; sys.exit(main())"]
 
 
 class FixtureProbe(Probe):
@@ -224,14 +225,14 @@ def test_real_command_sees_a_live_daemon_and_works_with_it_down(tmp_path):
         (home / "state" / "daemon.json").write_text(json.dumps(
             {"pid": fake.pid, "started_at": time.time() - 5, "heartbeat_at": time.time(), "version": "0.1.0",
              "inbox": str(home / "jobs"), "inbox_mode": "inotify"}))
-        out = subprocess.run([sys.executable, "-m", "daemon.cli", "--home", str(home), "status", "--json"],
+        out = subprocess.run([*NANOD, "--home", str(home), "status", "--json"],
                              capture_output=True, text=True, env=env, timeout=30)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["daemon"]["up"] is True
     finally:
         fake.kill()
         fake.wait()
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "--home", str(home), "status", "--exit-code"],
+    out = subprocess.run([*NANOD, "--home", str(home), "status", "--exit-code"],
                          capture_output=True, text=True, env=env, timeout=30)
     assert out.returncode == 1 and "DOWN" in out.stdout and out.stderr == ""
     assert not (home / "requests").exists()  # status wrote nothing
@@ -239,7 +240,7 @@ def test_real_command_sees_a_live_daemon_and_works_with_it_down(tmp_path):
 
 def test_watch_refreshes_until_interrupted(tmp_path):
     home = tmp_path / "home"
-    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--home", str(home), "status", "--watch",
+    proc = subprocess.Popen([*NANOD, "--home", str(home), "status", "--watch",
                              "--json", "--interval", "0.2"], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "NANOD_LOCK_DIR": str(tmp_path / "locks")})
     try:

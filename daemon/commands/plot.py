@@ -178,6 +178,8 @@ def build_figure(data: dict):
         if ax.get_lines():
             ax.legend(fontsize=8, loc="upper right")
         else:
+            ax.set_xticks([])
+            ax.set_yticks([])
             ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
     return fig
 
