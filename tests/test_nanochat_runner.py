@@ -200,6 +200,14 @@ def test_sft_names_its_input_checkpoint_instead_of_trusting_the_newest_model_fil
     assert "--source=base" in ln.argv and "--step=12" in ln.argv
 
 
+def test_one_phase_sft_starts_from_the_newest_complete_checkpoint_not_a_torn_one(tmp_path, dash):
+    d = tmp_path / "nc/base_checkpoints/d4"
+    write_checkpoint(d, 8)
+    write_checkpoint(d, 12, ranks=0)                     # torn: its optimizer file never came
+    ln = launch(tmp_path, job(dash, [SFT]), dash)
+    assert ln.argv[-2:] == ["--model-tag=d4", "--model-step=8"]
+
+
 def test_torchrun_launches_each_rank_when_nproc_is_above_one(tmp_path, dash):
     spec = job(dash, [BASE], nanochat={"nproc_per_node": 2})
     ln = launch(tmp_path, spec, dash)

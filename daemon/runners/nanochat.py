@@ -296,6 +296,9 @@ class NanochatAdapter:
                 value = NEVER
             flags[key] = value
         flags["model_tag"] = tag
+        if phase != "base" and init_from is None:
+            # never let nanochat pick "the newest model file" itself: it may be a torn save
+            init_from = self._newest_input(spec, phase_index, root, tag)
         if phase != "base" and init_from is not None:
             source = self._source_phase(spec, phase_index, root, tag, init_from)
             if "source" in script.options:
@@ -329,6 +332,16 @@ class NanochatAdapter:
         env = {"PYTHONUNBUFFERED": "1",  # else stdout into a file is block-buffered: no progress for minutes
                "NANOCHAT_BASE_DIR": str(root)}
         return NanochatLaunch(argv=argv, env=env, cwd=repo, notes=tuple(notes))
+
+    def _newest_input(self, spec, phase_index: int, root: Path, tag: str) -> int | None:
+        """The newest complete checkpoint a mid/sft phase can start from, when the daemon named none."""
+        sources = (spec.phases[phase_index - 1].phase,) if phase_index > 0 else \
+            layout.PREVIOUS_PHASES[spec.phases[phase_index].phase]
+        for prev in sources:
+            step = self.latest_complete(layout.checkpoint_dir(root, prev, tag))
+            if step is not None:
+                return step
+        return None
 
     def _source_phase(self, spec, phase_index: int, root: Path, tag: str, step: int) -> str:
         """The phase whose checkpoint `step` a mid/sft attempt starts from."""
