@@ -492,7 +492,11 @@ def _recent_events(settings, records: list[dict]) -> list[dict]:
                 merged.append({"at": _opt_num(ev.get("at")), "kind": str(ev.get("kind")), "job": rec.get("name"),
                                "file": None, "attempt": ev.get("attempt"), "message": _one_line(ev.get("message"))})
     merged.sort(key=lambda e: e["at"] or 0.0)
-    return merged[-RECENT_EVENTS:]
+    newest: dict[tuple, dict] = {}  # the same warning at each phase start is said once, at its latest
+    for ev in merged:
+        newest.pop((ev["kind"], ev["job"], ev["message"]), None)
+        newest[(ev["kind"], ev["job"], ev["message"])] = ev
+    return list(newest.values())[-RECENT_EVENTS:]
 
 
 def _short(seconds: float) -> str:

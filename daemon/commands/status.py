@@ -126,7 +126,8 @@ def render_text(view: dict, width: int = 80, color: bool = False) -> str:
         sc.para("       ", health["gpu_note"], "dim", max_lines=2)
     ram = health.get("ram") or {}
     if ram.get("total"):
-        rss = f" · trainer {_size(health['trainer_rss'])}" if health.get("trainer_rss") else ""
+        running = current is not None and current["state"] in ("running", "paused")
+        rss = f" · trainer {_size(health['trainer_rss'])}" if health.get("trainer_rss") and running else ""
         sc.add(("ram    ", "bold"), (f"{_size(ram['available'])} available of {_size(ram['total'])}{rss}", None))
     sc.add(("disk   ", "bold"), (_disk_text(view["disk"]), None))
     for w in health.get("warnings") or []:
