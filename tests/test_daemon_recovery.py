@@ -28,7 +28,7 @@ def final_weights(path):
 
 
 def test_kill_9_of_the_trainer_again_and_again_ends_with_bitwise_identical_weights(env):
-    steps = 40
+    steps = 24
     args = {**TINY, "num_iterations": steps, "save_every": 4}
     ref = subprocess.run([PYTHON, "-m", "trainer", "base", *(f"--{k}={v}" for k, v in args.items()), "--model_tag=ref"],
                          capture_output=True, text=True, cwd=ROOT, timeout=180)
@@ -36,14 +36,14 @@ def test_kill_9_of_the_trainer_again_and_again_ends_with_bitwise_identical_weigh
     env.daemon()
     env.drop(plan("hurt", steps=steps, save_every=4))
     ckpt = env.ckpt_dir("hurt")
-    for n, after_step in ((1, 4), (2, 16)):
+    for n, after_step in ((1, 4), (2, 12)):
         wait_until(lambda: attempt_pid(env, "hurt", n) and (layout.latest_complete(ckpt) or 0) >= after_step, 120,
                    message=f"attempt {n} past step {after_step}")
         os.kill(attempt_pid(env, "hurt", n), signal.SIGKILL)
     rec = env.wait_state("hurt", "done", "failed", timeout=150)
     assert rec.state.value == "done", rec.reason
     assert outcomes(rec)[:2] == ["crashed", "crashed"] and outcomes(rec)[-1] == "completed"
-    assert rec.attempts[1].resumed_from >= 4 and rec.attempts[2].resumed_from >= 16
+    assert rec.attempts[1].resumed_from >= 4 and rec.attempts[2].resumed_from >= 12
     a = final_weights(layout.model_path(env.ckpt_dir("ref"), steps))
     b = final_weights(layout.model_path(ckpt, steps))
     import torch
@@ -64,7 +64,7 @@ def test_a_sigstopped_trainer_is_found_stalled_its_group_killed_and_the_job_rela
 
 def test_kill_9_of_the_daemon_mid_job_then_a_restart_completes_it_never_two_trainers(env):
     first = env.daemon()
-    env.drop(plan("orphan", steps=60, save_every=4))
+    env.drop(plan("orphan", steps=30, save_every=4))
     ckpt = env.ckpt_dir("orphan")
     wait_until(lambda: attempt_pid(env, "orphan", 1) and layout.latest_complete(ckpt), 120, message="a checkpoint")
     survivor = attempt_pid(env, "orphan", 1)
@@ -91,7 +91,8 @@ def test_kill_9_of_the_daemon_mid_job_then_a_restart_completes_it_never_two_trai
 def test_sigterm_to_the_daemon_saves_an_emergency_checkpoint_requeues_and_the_next_run_finishes(env):
     d = env.daemon()
     env.drop(plan("warm", steps=40, save_every=1000))
-    wait_until(lambda: (env.rec("warm").progress or {}).get("step", 0) >= 3, 120, message="a few steps")
+    wait_until(lambda: ((env.rec("warm") and env.rec("warm").progress) or {}).get("step", 0) >= 3, 120,
+               message="a few steps")
     assert d.stop() == 0
     rec = env.rec("warm")
     assert rec.state.value == "queued" and outcomes(rec) == ["interrupted"]
