@@ -379,7 +379,7 @@ def trajectory(pairs: list) -> list[list]:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             continue
         step, loss = pair
-        if not isinstance(step, (int, float)) or not isinstance(loss, (int, float)) or isinstance(step, bool):
+        if _opt_num(step) is None or _opt_num(loss) is None:
             continue
         while out and out[-1][0] >= step:
             out.pop()
@@ -518,4 +518,7 @@ def _num(v: object, default: float) -> float:
 
 
 def _opt_num(v: object) -> float | None:
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    """A finite number or None: NaN/inf (a diverged loss) would make the JSON invalid for scripts."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return v if v == v and v not in (float("inf"), float("-inf")) else None

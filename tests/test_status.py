@@ -258,7 +258,22 @@ def test_trajectory_keeps_the_path_to_the_newest_step():
     assert trajectory(resumed) == [[1, 5.0], [2, 4.0], [3, 3.6], [4, 3.3], [5, 3.1]]
     reread = [[1, 5.0], [2, 4.0], [1, 5.0], [2, 4.0]]
     assert trajectory(reread) == [[1, 5.0], [2, 4.0]]
-    assert trajectory([[1, 2.0], "junk", [True, 1.0], [2, None]]) == [[1, 2.0]]
+    assert trajectory([[1, 2.0], "junk", [True, 1.0], [2, None], [3, float("nan")]]) == [[1, 2.0]]
+
+
+def test_a_diverged_loss_keeps_the_json_valid(tmp_path):
+    d = tmp_path / "running"
+    shutil.copytree(FIXTURES / "running", d)
+    rec_path = d / "home" / "state" / "jobs" / "d8-4060.json"
+    rec = json.loads(rec_path.read_text())
+    rec["progress"]["loss"] = float("nan")
+    rec["progress"]["losses"][-1][1] = float("inf")
+    rec_path.write_text(json.dumps(rec))  # Python writes NaN/Infinity tokens, as queue.py would
+    settings = load_settings(d / "home", lock_dir=d / "locks", nanochat_base_dir=d / "nanochat")
+    view = build_view(settings, probe=FixtureProbe(d, json.loads((d / "world.json").read_text())))
+    json.dumps(view, allow_nan=False)
+    assert view["jobs"][0]["progress"]["loss"] is None
+    render_text(view)
 
 
 def test_daemon_down_with_a_live_trainer_reads_progress_from_its_log(tmp_path):
