@@ -152,13 +152,19 @@ class Attempts:
         ckpt_dir = adapter.checkpoint_dir(self.settings.checkpoint_root, phase, tag)
         earlier = [a for a in rec.attempts if a.phase == phase]
         since = earlier[0].started_at if earlier else None
-        resume = runner.newest_checkpoint(ckpt_dir, since=since) if earlier and adapter.can_resume(phase) else None
+        resume = runner.newest_checkpoint(ckpt_dir, since=since, is_complete=adapter.is_complete) \
+            if earlier and adapter.can_resume(phase) else None
         init = rec.phase_final_steps.get(spec.phases[i - 1].phase) if i > 0 and resume is None else None
         if dbs is not None:
             args["device_batch_size"] = dbs
             rec.device_batch_size[phase] = dbs
-        launch = adapter.build_launch(spec, i, args=args, resume_from=resume, init_from=init)
         n = len(rec.attempts) + 1
+        try:
+            launch = adapter.build_launch(spec, i, args=args, resume_from=resume, init_from=init)
+        except ValueError as e:  # an adapter's one-line refusal (nanochat: NanochatRefused)
+            return self._apply(rec, Decision(Action.FAIL, f"{phase}: {e}", "failed"), None, n)
+        for note in getattr(launch, "notes", ()):
+            self.queue.note(rec, "runner_note", note)
         log_file = runner.log_path(self.settings, rec.name, n)
         att = Attempt(n=n, phase=phase, started_at=time.time(), resumed_from=resume, init_from=init,
                       device_batch_size=dbs, log=str(log_file.relative_to(self.settings.home)))
@@ -268,7 +274,7 @@ class Attempts:
                 a.paused, a.last_activity = False, now   # the stall clock starts again; a step line says running
 
     def _scan_checkpoints(self, a: Active, now: float) -> None:
-        newest = runner.newest_checkpoint(a.ckpt_dir, since=a.since)
+        newest = runner.newest_checkpoint(a.ckpt_dir, since=a.since, is_complete=a.adapter.is_complete)
         if newest is not None and (a.last_ckpt is None or newest > a.last_ckpt):
             a.last_ckpt, a.last_activity = newest, now
             self.queue.set_checkpoint(a.rec, a.phase, newest, layout.size_of(a.ckpt_dir, newest))
@@ -280,8 +286,9 @@ class Attempts:
             return
         protect = {s for s in (a.start_ckpt, a.rec.phase_final_steps.get(a.phase)) if s is not None}
         try:
+            ranks = a.adapter.optim_ranks(a.phase) if hasattr(a.adapter, "optim_ranks") else None
             res = self.retention.prune_dir(a.ckpt_dir, keep_last=keep.keep_last, keep_every=keep.keep_every,
-                                           protect=protect)
+                                           protect=protect, optim_ranks=ranks)
         except Exception as e:  # deletion trouble is logged, never fatal
             log.exception("nanod: retention failed")
             self.queue.note(a.rec, "prune_error", f"retention failed in {a.ckpt_dir}: {e}")
@@ -343,7 +350,7 @@ class Attempts:
     def _finish(self, a: Active) -> None:
         rec, att = a.rec, a.rec.last_attempt
         self._read_lines(a, time.monotonic())
-        newest = runner.newest_checkpoint(a.ckpt_dir, since=a.since)
+        newest = runner.newest_checkpoint(a.ckpt_dir, since=a.since, is_complete=a.adapter.is_complete)
         if newest is not None and (a.last_ckpt is None or newest > a.last_ckpt):
             a.last_ckpt = newest
             self.queue.set_checkpoint(rec, a.phase, newest, layout.size_of(a.ckpt_dir, newest))

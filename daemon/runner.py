@@ -159,11 +159,12 @@ def last_error_line(tail: str) -> str:
 
 
 # ---- checkpoints -------------------------------------------------------------------
-def newest_checkpoint(ckpt_dir: Path, *, since: float | None = None) -> int | None:
-    """The newest complete checkpoint (trainer.layout.is_complete) whose meta was written at or
-    after `since` (so a stale directory of an older job with the same model_tag is not resumed)."""
+def newest_checkpoint(ckpt_dir: Path, *, since: float | None = None, is_complete=layout.is_complete) -> int | None:
+    """The newest complete checkpoint (the adapter's is_complete, trainer.layout's by default) whose
+    meta was written at or after `since` (a stale directory of an older job with the same model_tag
+    is not resumed from)."""
     for step in reversed(layout.list_steps(ckpt_dir)):
-        if not layout.is_complete(ckpt_dir, step):
+        if not is_complete(ckpt_dir, step):
             continue
         if since is not None:
             try:
