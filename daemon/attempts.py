@@ -137,7 +137,10 @@ class Attempts:
         if not self._preflight(rec, dbs):
             return
         lock_path = self.settings.gpu_lock_path(spec.gpu)
-        fd = gpulock.try_acquire(lock_path)
+        try:
+            fd = gpulock.try_acquire(lock_path)
+        except OSError as e:
+            return self._wait(rec, f"cannot use GPU {spec.gpu}'s lock {lock_path}: {e.strerror or e}")
         if fd is None:
             return self._wait(rec, f"waiting for GPU {spec.gpu}'s lock, held by {gpulock.describe_holder(lock_path)}")
         try:

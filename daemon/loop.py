@@ -142,8 +142,8 @@ class Daemon:
     # -- start and stop
     def run(self) -> int:
         """Run until stopped; 0 after a warm stop."""
-        self.start()
         try:
+            self.start()
             while True:
                 self.tick()
                 if self.stopping and not self.attempts.active:

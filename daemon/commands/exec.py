@@ -30,9 +30,12 @@ def run(args, settings) -> int:
     if not cmd:
         raise UserError("give a command after --, e.g. nanod exec -- nvidia-smi")
     path = settings.gpu_lock_path(args.gpu)
-    fd = gpulock.acquire(path, timeout=args.timeout,
-                         on_wait=lambda who: print(f"nanod exec: waiting for GPU {args.gpu}'s lock, held by {who}",
-                                                   file=sys.stderr, flush=True))
+    try:
+        fd = gpulock.acquire(path, timeout=args.timeout,
+                             on_wait=lambda who: print(f"nanod exec: waiting for GPU {args.gpu}'s lock, held by {who}",
+                                                       file=sys.stderr, flush=True))
+    except OSError as e:
+        raise UserError(f"cannot use the GPU lock {path}: {e.strerror or e}") from None
     if fd is None:
         print(f"nanod exec: timed out after {args.timeout:g}s waiting for GPU {args.gpu}'s lock, held by "
               f"{gpulock.describe_holder(path)}", file=sys.stderr)

@@ -13,10 +13,11 @@ def run(args, settings) -> int:
     import logging
 
     from daemon.cli import UserError
+    from daemon.inbox import InboxError
     from daemon.loop import DaemonBusy, run_daemon
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     try:
         return run_daemon(settings)
-    except DaemonBusy as e:
+    except (DaemonBusy, InboxError) as e:
         raise UserError(str(e)) from None

@@ -33,7 +33,11 @@ def holder_path(lock_path: Path) -> Path:
 def try_acquire(lock_path: Path) -> int | None:
     """The descriptor holding the lock (O_CLOEXEC: inherited only through pass_fds), or None when held."""
     lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not lock_path.parent.is_dir():
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except FileExistsError:
+            raise NotADirectoryError(f"the lock directory {lock_path.parent} is not a directory") from None
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         if lock_descriptor(fd, blocking=False):

@@ -1,0 +1,87 @@
+"""Claims about how the daemon reads a live attempt (daemon/attempts.py): a real process, a log written here."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from daemon import runner
+from daemon.attempts import Active, Attempts
+from daemon.config import ensure_dirs, load_settings
+from daemon.queue import Attempt, JobState, Queue
+from daemon.runners.builtin import BuiltinRunner
+from daemon.spec import parse_job
+from tests.conftest import PYTHON
+
+
+@pytest.fixture
+def watched(nanod_home, nanochat_dir):
+    """A queued job whose attempt is a sleeping process and whose log the test writes."""
+    settings = load_settings(nanod_home)
+    ensure_dirs(settings)
+    queue = Queue(settings)
+    spec = parse_job({"recovery": {"stall_timeout": "1s", "startup_grace": "1s"},
+                      "phases": [{"phase": "base", "args": {"depth": 2, "num_iterations": 50}}]}, default_name="p")
+    rec = queue.add(spec)
+    log = settings.logs_dir / "p" / "attempt-001.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("")
+    sleeper = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    queue.begin_attempt(rec, Attempt(n=1, phase="base", pid=sleeper.pid, started_at=time.time(),
+                                     log=str(log.relative_to(settings.home))))
+    queue.transition(rec, JobState.RUNNING, "phase base, attempt 1")
+    attempts = Attempts(settings, queue)
+    proc = runner.AttemptProcess(sleeper.pid, sleeper.pid, runner.proc_start_time(sleeper.pid), sleeper)
+    attempts.active["p"] = Active(rec=rec, proc=proc, adapter=BuiltinRunner(settings), phase="base",
+                                  ckpt_dir=nanochat_dir / "none", tail=runner.LogTail(log), since=time.time(),
+                                  start_ckpt=None, last_ckpt=None, last_activity=time.monotonic())
+    yield attempts, rec, log
+    sleeper.kill()
+    sleeper.wait()
+
+
+def write(log, text):
+    with open(log, "a") as f:
+        f.write(text)
+
+
+def test_a_paused_line_pauses_the_job_with_that_reason_and_suspends_stall_detection(watched):
+    attempts, rec, log = watched
+    write(log, "step 00001/00050 (2.00%) | loss: 5.0 | dt: 10.00ms | tok/sec: 1,000\n"
+               "paused: waiting for disk space (need 2.0GB, 1.0GB free)\n")
+    attempts.read_progress()
+    assert rec.state == JobState.PAUSED and rec.reason.startswith("paused: waiting for disk space")
+    attempts.active["p"].last_activity -= 60  # long past stall_timeout
+    attempts.detect_stalls()
+    assert attempts.active["p"].stop is None, "no stall while paused"
+    write(log, "resumed: disk space available\nstep 00002/00050 (4.00%) | loss: 4.9 | dt: 10.00ms | tok/sec: 1,000\n")
+    attempts.read_progress()
+    assert rec.state == JobState.RUNNING and rec.progress["step"] == 2
+
+
+def test_progress_reaches_the_record_at_most_twice_a_second_with_every_loss_kept(watched):
+    attempts, rec, log = watched
+    for step in range(1, 4):
+        write(log, f"step {step:05d}/00050 (1.00%) | loss: {5 - step / 10} | dt: 10.00ms | tok/sec: 1,000\n")
+        attempts.read_progress()
+    from daemon.queue import load_job
+    on_disk = load_job(attempts.settings, "p")
+    assert on_disk.progress["step"] == 1, "written once, then throttled"
+    assert [s for s, _ in rec.progress["losses"]] == [1, 2, 3]
+    attempts.active["p"].saved_at -= 1
+    attempts.read_progress()
+    assert load_job(attempts.settings, "p").progress["step"] == 3
+
+
+def test_a_silent_attempt_is_stopped_as_stalled_after_startup_grace(watched):
+    attempts, rec, log = watched
+    attempts.active["p"].last_activity -= 5
+    attempts.detect_stalls()
+    a = attempts.active["p"]
+    assert a.stop == "stall" and a.kill_at is not None
+    deadline = time.monotonic() + 10
+    while not a.proc.poll() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    attempts.reap()
+    assert rec.last_attempt.outcome == "stalled" and rec.state == JobState.BACKING_OFF
