@@ -62,6 +62,8 @@ def test_relaunches_resume_and_later_phases_start_from_the_previous_final_step(t
     argv = r.build_launch(plan(), 1, args={"device_batch_size": 2}, resume_from=None, init_from=40).argv
     assert argv[1:4] == ["-m", "trainer", "mid"]
     assert "--device_batch_size=2" in argv and "--init_step=40" in argv and "--model_tag=d2" in argv
+    three = parse_job({"phases": [{"phase": "base"}, {"phase": "sft"}]}, default_name="j")
+    assert "--source=base" in r.build_launch(three, 1, args={}, resume_from=None, init_from=7).argv
     argv = r.build_launch(plan(), 0, args={}, resume_from=20, init_from=None).argv
     assert "--resume_from_step=20" in argv and not any(a.startswith("--init_step") for a in argv)
 

@@ -80,6 +80,9 @@ class BuiltinRunner:
             argv.append(format_arg("resume_from_step", resume_from))
         if init_from is not None and phase != "base":
             argv.append(format_arg("init_step", init_from))
+            if phase == "sft" and "source" not in args and phase_index > 0:
+                # the step is the plan's previous phase's: a stale mid directory must not be picked instead
+                argv.append(format_arg("source", spec.phases[phase_index - 1].phase))
         # the package may not be installed into an operator-chosen interpreter: make it importable
         return Launch(argv=argv, env={"PYTHONPATH": _pythonpath()}, cwd=None)
 
