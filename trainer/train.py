@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import exitcodes, layout
-from trainer.checkpoint import (CheckpointWriter, DiskWaitAborted, estimate_bytes, remove_stale_temps, snapshot,
-                                wait_for_disk)
+from trainer.checkpoint import CheckpointWriter, DiskWaitAborted, remove_stale_temps, wait_for_disk
 from trainer.data import SFTLoader, StreamLoader
 from trainer.faults import Faults
 from trainer.model import GPT
@@ -153,6 +152,7 @@ class Trainer:
             del logits, loss
         if p.opts.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.opts.grad_clip)
+        self.writer.wait_copied()  # a save in flight must have its copy before the weights move
         self.optim.step()
         self.optim.zero_grad()
         self.lrm = lrm
@@ -191,7 +191,7 @@ class Trainer:
         return meta
 
     def save(self, *, wait: bool) -> None:
-        """Copy the state (the loop blocks for this only) and hand it to the writer thread."""
+        """Hand the state to the writer thread; the loop waits for the copy only at the next optimizer step."""
         self.writer.wait()
         p = self.plan
         estimate = self.writer.last_bytes or 3 * sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
@@ -199,8 +199,8 @@ class Trainer:
         payload = {"optimizer": self.optim.state_dict(),
                    "rng": {"torch": torch.get_rng_state(),
                            "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}}
-        model_snap, optim_snap = snapshot(self.model.state_dict(), payload)
-        self.writer.submit(p.ckpt_dir, self.step, model_snap, optim_snap, self.meta())
+        # references only: the writer copies them before the next optimizer step changes them
+        self.writer.submit(p.ckpt_dir, self.step, self.model.state_dict(), payload, self.meta())
         self.saved_steps.add(self.step)
         self.last_save_time = time.monotonic()
         if wait:
