@@ -61,6 +61,9 @@ class ChatTokenizer:
     """Encode/decode plus the special-token ids the loaders need."""
 
     def __init__(self, tok: Tokenizer):
+        # "<|bos|>" typed in a document is text, not a control token: only the
+        # loaders insert special ids, so data cannot forge a turn boundary
+        tok.encode_special_tokens = True
         self.tok = tok
         self.special = {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
         missing = [n for n, i in self.special.items() if i is None]
