@@ -226,9 +226,10 @@ class Trainer:
               file=sys.stderr, flush=True)
         try:
             while self.step < p.num_iterations:
+                # faults first: a hang must not answer a SIGTERM that is already pending
+                self.faults.before_step(self.step, p.device_batch_size)
                 if self.stop.requested():
                     return self.stop_now()
-                self.faults.before_step(self.step, p.device_batch_size)
                 t0 = time.perf_counter()
                 loss = self.train_step()
                 if self.device.type == "cuda":
