@@ -334,8 +334,10 @@ class Attempts:
         """The daemon's warm stop: every attempt saves and exits; jobs between attempts go back to the queue."""
         self.stopping = True
         for a in self.active.values():
-            if a.stop not in ("cancel", "survivor"):
+            if a.stop is None:
                 self._stop(a, "shutdown", f"the daemon is stopping: SIGTERM to process group {a.proc.pgid}")
+            elif a.stop == "stall":
+                a.stop = "shutdown"  # already signalled: a second SIGTERM would abort its emergency save
         for rec in self.queue.ordered(S.WAITING, S.BACKING_OFF):
             if rec.name not in self.active:
                 self.queue.requeue_front(rec, "the daemon stopped; resumes at the next start")
