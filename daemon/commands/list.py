@@ -6,7 +6,7 @@ HELP = "list jobs in queue order"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--all", action="store_true", help="include finished jobs (default: yes; kept for scripts)")
+    pass
 
 
 def run(args, settings) -> int:
