@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     except BadArgs as e:
         return _bad(e)
     # signals are recorded from here on: a stop during setup still ends cleanly
-    from trainer.train import StopFlag
+    from trainer.signals import StopFlag
     stop = StopFlag().install()
     import torch
 

@@ -253,21 +253,8 @@ def estimate_bytes(model_sd: dict, optim_payload: dict | None = None) -> int:
 # ---------------------------------------------------------------- loading
 
 def verify(ckpt_dir: Path, step: int) -> str | None:
-    """None when the checkpoint is complete and its files have the sizes its meta records, else why not."""
-    meta = layout.read_meta(ckpt_dir, step)
-    if meta is None:
-        return "meta missing or unreadable"
-    if not layout.is_complete(ckpt_dir, step):
-        return "model or optimizer file missing"
-    files = (meta.get("nanod") or {}).get("files") or {}
-    for name, size in files.items():
-        try:
-            actual = (Path(ckpt_dir) / name).stat().st_size
-        except OSError:
-            return f"{name} missing"
-        if actual != size:
-            return f"{name} is {actual} bytes, the meta says {size} (truncated?)"
-    return None
+    """None when the checkpoint is complete (layout's one definition, sizes included), else why not."""
+    return layout.why_incomplete(ckpt_dir, step)
 
 
 def load_checkpoint(ckpt_dir: Path, step: int, device, *, with_optim: bool = True):

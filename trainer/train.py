@@ -33,29 +33,9 @@ from trainer.faults import Faults
 from trainer.model import GPT
 from trainer.optim import build_optimizers
 from trainer.setup import Plan
+from trainer.signals import StopFlag
 
 MUON_MOMENTUM_WARMUP = 300  # steps over which Muon's momentum rises 0.85 -> 0.95 (base and mid)
-
-
-class StopFlag:
-    """Records SIGTERM/SIGINT for the loop; the second one ends the process on the spot."""
-
-    def __init__(self):
-        self.signum: int | None = None
-
-    def install(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            os.write(2, f"second signal ({signal.Signals(signum).name}): exiting now without saving\n".encode())
-            os._exit(128 + signum)
-        self.signum = signum
-
-    def requested(self) -> bool:
-        return self.signum is not None
 
 
 def lr_multiplier(step: int, n: int, s: dict) -> float:
