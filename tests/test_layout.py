@@ -66,3 +66,14 @@ def test_temp_files_are_hidden_and_never_count_as_steps(tmp_path):
 
 def test_no_directory_means_no_steps(tmp_path):
     assert layout.list_steps(tmp_path / "missing") == [] and layout.latest_complete(tmp_path / "missing") is None
+
+
+def test_a_file_whose_size_differs_from_the_meta_makes_it_incomplete(tmp_path):
+    d = tmp_path / "c"
+    sizes = {"model_000011.pt": 10, "optim_000011_rank0.pt": 10}
+    write_ckpt(d, 11, meta_text=json.dumps({"nanod": {"files": sizes}}))
+    assert layout.is_complete(d, 11)
+    with open(layout.model_path(d, 11), "r+b") as f:
+        f.truncate(4)
+    assert "truncated" in layout.why_incomplete(d, 11)
+    assert layout.latest_complete(d) is None
