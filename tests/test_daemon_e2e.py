@@ -183,7 +183,7 @@ def outcomes(rec) -> list[str | None]:
 
 # ---- the claims ----------------------------------------------------------------------------
 def test_a_dropped_plan_runs_base_then_mid_then_sft_to_done(env):
-    env.daemon()
+    d = env.daemon()
     env.drop(plan("plan3", steps=8, phases=("base", "mid", "sft")))
     rec = env.wait_state("plan3", "done", timeout=150)
     assert rec.phase_final_steps == {"base": 8, "mid": 4, "sft": 4}
@@ -194,6 +194,8 @@ def test_a_dropped_plan_runs_base_then_mid_then_sft_to_done(env):
     assert (env.settings_.state_dir / "accepted" / "plan3.yaml").exists()
     assert "plan3" in env.nanod("list").stdout
     assert rec.progress["phase"] == "sft" and rec.progress["losses"]
+    maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps, "the daemon never imports torch, not even indirectly"
 
 
 def test_oom_halves_the_batch_down_to_what_fits_keeping_the_total_batch_and_later_phases_start_there(env):

@@ -85,6 +85,7 @@ def test_kill_9_of_the_daemon_mid_job_then_a_restart_completes_it_never_two_trai
     assert rec.state.value == "done", rec.reason
     assert outcomes(rec) == ["interrupted", "completed"] and len(seen) == 2
     assert rec.attempts[1].resumed_from >= 4
+    assert rec.attempts[1].started_at >= rec.attempts[0].ended_at, "the relaunch waited for the survivor's end"
     assert any(e["kind"] == "survivor" for e in rec.events)
 
 
