@@ -168,6 +168,9 @@ class Attempts:
             return self._apply(rec, Decision(Action.FAIL, f"{phase}: {e}", "failed"), None, n)
         for note in getattr(launch, "notes", ()):
             self.queue.note(rec, "runner_note", note)
+        if earlier and not adapter.can_resume(phase):
+            self.queue.note(rec, "restart_from_start",
+                            f"restarted from the start: this {getattr(adapter, 'name', spec.runner)} phase cannot resume")
         log_file = runner.log_path(self.settings, rec.name, n)
         att = Attempt(n=n, phase=phase, started_at=time.time(), resumed_from=resume, init_from=init,
                       device_batch_size=dbs, log=str(log_file.relative_to(self.settings.home)))
