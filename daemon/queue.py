@@ -15,6 +15,7 @@ offsets) are not here: they live in the loop and are never written to disk.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 from daemon.atomic import read_json, write_json_atomic
 from daemon.spec import JobSpec, check_name
 
+log = logging.getLogger("nanod")
 SCHEMA = 1
 MAX_EVENTS = 200          # per job record
 MAX_LOSSES = 200          # (step, loss) pairs kept in progress.losses
@@ -381,6 +383,7 @@ class Queue:
 
     def _event(self, rec: JobRecord, kind: str, message: str, attempt: int | None = None) -> None:
         rec.events.append({"at": time.time(), "attempt": attempt, "kind": kind, "message": one_line(message)})
+        log.info("%s: %s: %s", rec.name, kind, one_line(message))  # the journal's copy
         del rec.events[:-MAX_EVENTS]
 
 
