@@ -7,6 +7,8 @@
     NANOD_FAULT_HANG_AT_STEP=S    before step S, ignore SIGTERM/SIGINT and sleep forever (only SIGKILL ends it)
     NANOD_FAULT_REPEAT=1          crash and hang fire on every attempt, not only when NANOD_ATTEMPT is unset or 1
     NANOD_FAULT_SLOW_SAVE_MS=N    the checkpoint writer sleeps N ms after each file, so a test can kill mid-save
+    NANOD_FAULT_VRAM_GB=G         on CUDA, cap this process's memory at G GiB (a real small card simulated on a
+                                  large one: allocations past it raise a real CUDA OOM), every attempt
 
 "At step S" means after S optimizer steps completed, before step S runs: the
 last step line printed is S-1. This module only reads the environment and
@@ -26,6 +28,7 @@ class Faults:
     crash_at: int | None = None
     hang_at: int | None = None
     slow_save_ms: int = 0
+    vram_gb: float | None = None
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Faults":
@@ -42,7 +45,16 @@ class Faults:
         return cls(oom_above=num("NANOD_FAULT_OOM_ABOVE"),
                    crash_at=num("NANOD_FAULT_CRASH_AT_STEP") if first else None,
                    hang_at=num("NANOD_FAULT_HANG_AT_STEP") if first else None,
-                   slow_save_ms=num("NANOD_FAULT_SLOW_SAVE_MS") or 0)
+                   slow_save_ms=num("NANOD_FAULT_SLOW_SAVE_MS") or 0,
+                   vram_gb=_gib(env.get("NANOD_FAULT_VRAM_GB", "")))
+
+    def limit_vram(self, device) -> None:
+        """Cap the caching allocator at vram_gb on a CUDA device (no effect elsewhere)."""
+        if self.vram_gb is None or device.type != "cuda":
+            return
+        import torch
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, self.vram_gb * 2**30 / total), device)
 
     def before_step(self, step: int, device_batch_size: int) -> None:
         """Called before each optimizer step; raises or hangs when a fault is due."""
@@ -56,6 +68,19 @@ class Faults:
             import torch
             raise torch.OutOfMemoryError(
                 f"NANOD_FAULT_OOM_ABOVE={self.oom_above}: simulated out of memory at device_batch_size={device_batch_size}")
+
+
+def _gib(value: str) -> float | None:
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        gib = float(value)
+    except ValueError:
+        raise ValueError(f"NANOD_FAULT_VRAM_GB={value!r} is not a number of GiB") from None
+    if not gib > 0:
+        raise ValueError(f"NANOD_FAULT_VRAM_GB={value!r} must be positive")
+    return gib
 
 
 def hang_forever() -> None:

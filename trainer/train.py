@@ -67,6 +67,7 @@ class Trainer:
         o = plan.opts
         self.device = pick_device(o.device_type)
         cuda = self.device.type == "cuda"
+        faults.limit_vram(self.device)
         torch.manual_seed(o.seed)
         with torch.device(self.device):
             model = GPT(plan.model_config)

@@ -1,0 +1,39 @@
+"""The benchmark runner and the GPU check script work end to end (the GPU run itself needs a GPU)."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from bench.__main__ import verdict
+from tests.conftest import PYTHON, ROOT
+
+
+def test_verdict_reads_ratios_of_tokens_as_lower_bounds_and_the_rest_as_upper_bounds():
+    assert verdict({"name": "tokens_per_sec_ratio", "median": 0.995, "target": 0.99}) == "pass"
+    assert verdict({"name": "tokens_per_sec_ratio", "median": 0.95, "target": 0.99}) == "FAIL"
+    assert verdict({"name": "restart_latency", "median": 0.4, "target": 1.0}) == "pass"
+    assert verdict({"name": "status", "median": 0.5, "target": 0.3}) == "FAIL"
+    assert verdict({"name": "trainer_tokens_per_sec_cpu", "median": 9000, "target": None}) == "info"
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_shows_oom_backoff_to_a_batch_that_fits(tmp_path):
+    r = subprocess.run([PYTHON, "-m", "bench.gpu_check", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    outcomes = [(a["phase"], a["device_batch_size"], a["outcome"]) for a in result["attempts"]]
+    assert outcomes[:3] == [("base", 16, "oom"), ("base", 8, "oom"), ("base", 4, "completed")]
+    assert result["state"] == "done"
+
+
+@pytest.mark.gpu
+def test_gpu_check_on_a_real_gpu_backs_off_from_a_real_cuda_oom(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    r = subprocess.run([PYTHON, "-m", "bench.gpu_check", "--out", str(tmp_path), "--base-steps", "10"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:]
