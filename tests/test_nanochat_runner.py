@@ -628,8 +628,7 @@ def test_e2e_phase_without_resume_restarts_from_its_input_checkpoint(start_daemo
     assert rec["phase_final_steps"]["sft"] == 5
 
 
-# Promise 12 through the daemon; and what it does not do yet (strict xfail: it starts
-# failing, as a reminder, once daemon/attempts.py records that restart).
+# Promise 12 through the daemon, and the restart of a phase that cannot resume.
 
 @slow
 def test_e2e_unlisted_checkout_fails_with_a_one_line_reason_and_never_runs(start_daemon, dash, tmp_path):
@@ -641,8 +640,6 @@ def test_e2e_unlisted_checkout_fails_with_a_one_line_reason_and_never_runs(start
 
 
 @slow
-@pytest.mark.xfail(strict=True, reason="daemon/attempts.py does not record the restart of a phase that cannot "
-                                       "resume (adapter.can_resume False) as an event yet")
 def test_e2e_restart_of_a_phase_that_cannot_resume_is_said_in_an_event(start_daemon, dash, tmp_path):
     d = start_daemon(dash)
     sft = {**SFT, "env": {"STANDIN_CRASH_AT_STEP": "3", "STANDIN_FAULT_ONCE": str(tmp_path / "crashed-once")}}
