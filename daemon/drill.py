@@ -200,7 +200,7 @@ class Drill:
 
     def steps_done(self) -> int | None:
         att = self.running_attempt()
-        return None if not att or att.get("last_step") is None else att["last_step"] + 1
+        return None if not att else att.get("last_step")
 
     def ckpt_dir(self, phase: str) -> Path:
         return layout.checkpoint_dir(self.ckpt_root, phase, "drill-d2")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 
@@ -387,9 +386,6 @@ def trajectory(pairs: list) -> list[list]:
     return out
 
 
-_STEP_LINE = re.compile(rb"^step\s+(\d+)(?:/(\d+))?[^\n]*?\|\s*loss:\s*([-+0-9.eE]+)")
-
-
 def _progress_from_log(settings, job: dict, attempt: dict, now: float) -> None:
     """The newest step line in the tail of a live attempt's log, over the (stale) recorded progress."""
     log = attempt.get("log") or ""
@@ -402,12 +398,13 @@ def _progress_from_log(settings, job: dict, attempt: dict, now: float) -> None:
             at = os.fstat(f.fileno()).st_mtime
     except OSError:
         return
+    from daemon.runners.builtin import parse_step_line  # the daemon's own reading of a step line
     for line in reversed(tail.splitlines()):
-        m = _STEP_LINE.match(line.strip())
-        if m:
+        parsed = parse_step_line(line.decode("utf-8", "replace").strip())
+        if parsed and parsed.loss is not None:
             p = job["progress"] or {"phase": attempt.get("phase"), "losses": [], "tok_per_sec": None,
                                     "dt_ms": None, "peak_mem_gib": None, "eta_s": None}
-            step, total, loss = int(m.group(1)), int(m.group(2)) if m.group(2) else p.get("total"), float(m.group(3))
+            step, total, loss = parsed.step, parsed.total or p.get("total"), parsed.loss
             if p.get("step") is not None and step <= p["step"]:
                 return
             p.update(step=step, total=total, loss=loss, at=at, age_s=_age(now, at), from_log=True,

@@ -57,7 +57,7 @@ def test_a_paused_line_pauses_the_job_with_that_reason_and_suspends_stall_detect
     assert attempts.active["p"].stop is None, "no stall while paused"
     write(log, "resumed: disk space available\nstep 00002/00050 (4.00%) | loss: 4.9 | dt: 10.00ms | tok/sec: 1,000\n")
     attempts.read_progress()
-    assert rec.state == JobState.RUNNING and rec.progress["step"] == 2
+    assert rec.state == JobState.RUNNING and rec.progress["step"] == 3  # steps done after the line of step 2
 
 
 def test_progress_reaches_the_record_at_most_twice_a_second_with_every_loss_kept(watched):
@@ -67,11 +67,11 @@ def test_progress_reaches_the_record_at_most_twice_a_second_with_every_loss_kept
         attempts.read_progress()
     from daemon.queue import load_job
     on_disk = load_job(attempts.settings, "p")
-    assert on_disk.progress["step"] == 1, "written once, then throttled"
-    assert [s for s, _ in rec.progress["losses"]] == [1, 2, 3]
+    assert on_disk.progress["step"] == 2, "written once, then throttled"
+    assert [s for s, _ in rec.progress["losses"]] == [2, 3, 4]
     attempts.active["p"].saved_at -= 1
     attempts.read_progress()
-    assert load_job(attempts.settings, "p").progress["step"] == 3
+    assert load_job(attempts.settings, "p").progress["step"] == 4
 
 
 def test_a_silent_attempt_is_stopped_as_stalled_after_startup_grace(watched):

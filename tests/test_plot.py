@@ -62,8 +62,8 @@ def test_figure_has_each_attempt_and_the_restart_and_oom_marks(tmp_path):
         assert expected in labels
     # the mid phase is laid after base's 40 steps; the marks sit where attempts 1 and 2 ended
     mid = next(s for s in data["series"] if s["phase"] == "mid")
-    assert mid["x"][0] == 41
-    assert [(m["kind"], m["x"]) for m in data["marks"]] == [("restart", 12), ("oom", 22)]
+    assert mid["x"][0] == 42  # steps done: the line of (0-based) step 1 comes after 2 steps
+    assert [(m["kind"], m["x"]) for m in data["marks"]] == [("restart", 13), ("oom", 23)]
     assert len(data["health"]["vram"][0][0]) == 6
 
 

@@ -39,10 +39,11 @@ def test_the_attempts_environment_is_cleaned_defaulted_and_then_the_jobs(nanod_h
     assert (mid["TORCH_COMPILE_DISABLE"], mid["CUDA_VISIBLE_DEVICES"], mid["SHARED"]) == ("1", "1", "phase")
 
 
-def test_step_lines_parse_and_other_lines_do_not():
+def test_step_lines_parse_as_steps_done_and_other_lines_do_not():
     p = parse_step_line("step 00012/00040 (30.00%) | loss: 4.123456 | lrm: 1.00 | dt: 81.00ms | tok/sec: 2,521"
                         " | peak_mem: 3.20GiB")
-    assert (p.step, p.total, p.loss, p.dt_ms, p.tok_per_sec, p.peak_mem_gib) == (12, 40, 4.123456, 81.0, 2521.0, 3.2)
+    # the line of step 12 (0-based) comes after it: 13 steps are done
+    assert (p.step, p.total, p.loss, p.dt_ms, p.tok_per_sec, p.peak_mem_gib) == (13, 40, 4.123456, 81.0, 2521.0, 3.2)
     assert parse_step_line("saved checkpoint step 10") is None
     assert parse_step_line("stepping") is None
 

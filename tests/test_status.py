@@ -9,7 +9,6 @@ regenerate them after an intended change with
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -288,10 +287,10 @@ def test_daemon_down_with_a_live_trainer_reads_progress_from_its_log(tmp_path):
     settings = load_settings(d / "home", lock_dir=d / "locks", nanochat_base_dir=d / "nanochat")
     view = build_view(settings, probe=FixtureProbe(d, world))
     p = view["jobs"][0]["progress"]
-    assert (p["step"], p["loss"], p["from_log"]) == (1252, 3.09, True)
-    assert p["losses"][-1] == [1252, 3.09]
+    assert (p["step"], p["loss"], p["from_log"]) == (1253, 3.09, True)  # the line of step 1252 comes after it
+    assert p["losses"][-1] == [1253, 3.09]
     text = render_text(view)
-    assert "its trainer is still running" in text and "step 1252/3520" in text
+    assert "its trainer is still running" in text and "step 1253/3520" in text
 
 
 def test_every_json_key_is_documented(tmp_path):

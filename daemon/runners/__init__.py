@@ -30,7 +30,7 @@ class Outcome(str, Enum):
 class Progress:
     """One parsed step line."""
 
-    step: int
+    step: int                     # optimizer steps done (a checkpoint now would carry this number)
     total: int | None = None
     loss: float | None = None
     dt_ms: float | None = None

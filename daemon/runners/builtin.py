@@ -39,7 +39,9 @@ def parse_step_line(line: str) -> Progress | None:
             values[key] = float(f.group(1).replace(",", "")) if f else None
         except ValueError:
             values[key] = None
-    return Progress(step=int(m.group(1)), total=int(m.group(2)) if m.group(2) else None, **values)
+    # the line for step k is printed after optimizer step k (0-based): k+1 steps are done,
+    # the same count a checkpoint of that moment carries (and the nanochat adapter reports)
+    return Progress(step=int(m.group(1)) + 1, total=int(m.group(2)) if m.group(2) else None, **values)
 
 
 def classify_by_code(returncode: int, log_tail: str) -> Outcome:
