@@ -154,6 +154,12 @@ class Attempts:
         tag = str(args.get("model_tag") or spec.resolved_model_tag)
         ckpt_dir = adapter.checkpoint_dir(self.settings.checkpoint_root, phase, tag)
         earlier = [a for a in rec.attempts if a.phase == phase]
+        if not earlier and (foreign := [s for s in layout.list_steps(ckpt_dir) if adapter.is_complete(ckpt_dir, s)]):
+            # another run's checkpoints: resuming them would mix two runs, and retention would take
+            # their higher steps for the newest and delete this job's own saves
+            why = (f"{phase}: {ckpt_dir} already holds checkpoints of another run (steps {foreign[0]}-{foreign[-1]}):"
+                   " use a new model_tag, or move that folder away")
+            return self._apply(rec, Decision(Action.FAIL, why, "failed"), None, len(rec.attempts) + 1)
         since = earlier[0].started_at if earlier else None
         resume = runner.newest_checkpoint(ckpt_dir, since=since, is_complete=adapter.is_complete) \
             if earlier and adapter.can_resume(phase) else None

@@ -5,11 +5,9 @@ fixtures). The helpers here are shared with tests/test_daemon_recovery.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -249,6 +247,19 @@ def test_a_failed_job_does_not_block_the_next_and_cancel_and_retry_work(env):
     assert env.rec("long").last_attempt.resumed_from == stopped_at
     env.nanod("cancel", "long")
     env.wait_state("long", "cancelled", timeout=60)
+
+
+def test_a_new_job_refuses_a_checkpoint_folder_holding_another_runs_checkpoints(env):
+    d = env.ckpt_dir("reused")
+    d.mkdir(parents=True)
+    for path in (layout.model_path(d, 250), layout.optim_path(d, 250, 0)):
+        path.write_bytes(b"weights of an earlier run")
+    layout.meta_path(d, 250).write_text('{"step": 250}')
+    env.daemon()
+    env.drop(plan("reused", steps=4))
+    rec = env.wait_state("reused", "failed", timeout=30)
+    assert "already holds checkpoints of another run (steps 250-250)" in rec.reason and "model_tag" in rec.reason
+    assert rec.attempts == [] and layout.list_steps(d) == [250], "nothing launched, nothing deleted"
 
 
 def test_another_holder_of_the_gpu_lock_makes_the_job_wait_naming_it(env, tmp_path):
