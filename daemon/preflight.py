@@ -326,7 +326,7 @@ def _check_vram(settings, spec, phase_index, flags, device_batch_size, gpus) -> 
             f"{sum(param_counts(flags)) / 1e6:.0f}M params, batch {batch} x {row_length(flags, phase)} tokens)")
     on_cpu = str(flags.get("device_type") or flags.get("device") or "").lower() == "cpu"
     if on_cpu:
-        return Check(name, OK, f"device_type=cpu: no GPU needed")
+        return Check(name, OK, "device_type=cpu: no GPU needed")
     if gpus is None:
         from daemon.gpu.vram import read_gpus
         gpus = read_gpus()

@@ -13,7 +13,6 @@ import pytest
 from daemon.commands.install_service import TEMPLATE, quote_arg, render_unit
 from daemon.spec import Recovery
 
-from conftest import ROOT
 
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
