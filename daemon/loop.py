@@ -316,13 +316,8 @@ def run_daemon(settings) -> int:
 # ---- job changes from the CLI ------------------------------------------------------
 def daemon_running(settings) -> bool:
     """Whether a daemon holds this home's state/daemon.lock."""
-    if not lock_path(settings).exists():
-        return False
-    fd = try_daemon_lock(settings)
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
+    from daemon.gpu.lock import is_held
+    return is_held(lock_path(settings))
 
 
 def change_job(settings, action: str, name: str, *, wait: float = 5.0) -> str:
