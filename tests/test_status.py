@@ -64,6 +64,10 @@ def prepared(case: str, tmp_path: Path):
     shutil.copytree(FIXTURES / case, d)
     settings = load_settings(d / "home", lock_dir=d / "locks", nanochat_base_dir=d / "nanochat")
     world = json.loads((d / "world.json").read_text())
+    # a checkout stamps files with the time of the clone: give them the case's own time
+    stamp = world["now"] - 300
+    for f in d.rglob("*"):
+        os.utime(f, (stamp, stamp), follow_symlinks=False)
     view = build_view(settings, probe=FixtureProbe(d, world))
     # the same paths whatever the temporary directory, so goldens do not depend on it
     return d, json.loads(json.dumps(view).replace(str(d), "/case"))
