@@ -44,9 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from daemon.config import load_settings
     try:
-        settings = load_settings(args.home)
+        if getattr(modules[args.command], "QUICK_SETTINGS", False):  # read-only and fast: see settings_cache
+            from daemon.settings_cache import quick_settings
+            settings = quick_settings(args.home)
+        else:
+            from daemon.config import load_settings
+            settings = load_settings(args.home)
         return int(modules[args.command].run(args, settings) or 0)
     except UserError as e:
         print(f"nanod {args.command}: {e}", file=sys.stderr)

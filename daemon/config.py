@@ -13,24 +13,14 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from daemon.paths import DerivedPaths, config_path, default_home, default_lock_dir
 from daemon.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 
-def default_home() -> Path:
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data).expanduser() / "nanod"
-
-
-def default_lock_dir() -> Path:
-    # per user and machine, shared by every home: the GPU is one whatever the home
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache).expanduser() / "nanod" / "locks"
-
-
-class Settings(BaseSettings):
+class Settings(DerivedPaths, BaseSettings):
     """nanod's settings. Env: NANOD_<FIELD> (e.g. NANOD_HOME, NANOD_HEALTH_INTERVAL=30s)."""
 
     model_config = SettingsConfigDict(env_prefix="NANOD_", extra="forbid", frozen=True)
@@ -71,47 +61,13 @@ class Settings(BaseSettings):
         toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file())
         return (init_settings, env_settings, toml)
 
-    # ---- derived paths -------------------------------------------------------------
-    @property
-    def inbox_dir(self) -> Path:
-        return self.inbox or self.home / "jobs"
-
-    @property
-    def checkpoint_root(self) -> Path:
-        if self.nanochat_base_dir:
-            return self.nanochat_base_dir
-        env = os.environ.get("NANOCHAT_BASE_DIR")
-        return Path(env).expanduser() if env else Path.home() / ".cache" / "nanochat"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.home / "state"
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.home / "logs"
-
-    @property
-    def health_dir(self) -> Path:
-        return self.home / "health"
-
-    @property
-    def requests_dir(self) -> Path:
-        return self.home / "requests"
-
-    def gpu_lock_path(self, gpu: int) -> Path:
-        return self.lock_dir / f"gpu{gpu}.lock"
-
 
 _HOME_OVERRIDE: Path | None = None
 
 
 def config_file() -> Path:
     """$NANOD_CONFIG, else <home>/config.toml (home from --home, NANOD_HOME or the default)."""
-    if os.environ.get("NANOD_CONFIG"):
-        return Path(os.environ["NANOD_CONFIG"]).expanduser()
-    home = _HOME_OVERRIDE or (Path(os.environ["NANOD_HOME"]).expanduser() if os.environ.get("NANOD_HOME") else default_home())
-    return home / "config.toml"
+    return config_path(_HOME_OVERRIDE)
 
 
 def load_settings(home: Path | str | None = None, **overrides) -> Settings:
@@ -119,9 +75,15 @@ def load_settings(home: Path | str | None = None, **overrides) -> Settings:
     global _HOME_OVERRIDE
     _HOME_OVERRIDE = Path(home).expanduser().resolve() if home else None
     try:
+        cacheable = not overrides  # tests pass overrides; they never describe the user's settings
         if _HOME_OVERRIDE:
             overrides["home"] = _HOME_OVERRIDE
-        return Settings(**overrides)
+        settings = Settings(**overrides)
+        if cacheable:
+            from daemon.settings_cache import write_cache
+            paths = [name for name, f in Settings.model_fields.items() if "Path" in str(f.annotation)]
+            write_cache(home, settings.model_dump(mode="json"), paths)
+        return settings
     finally:
         _HOME_OVERRIDE = None
 

@@ -128,6 +128,15 @@ def test_each_phase_leaves_complete_checkpoints_in_nanochat_layout(ref):
     assert layout.read_meta(sft_dir, 3)["nanod"]["init_from"] == {"phase": "mid", "step": 4}
 
 
+def test_save_every_minutes_saves_on_wall_time_without_a_step_interval(ref):
+    root, _ = ref
+    args = [a for a in ARGS if not a.startswith("--save_every")]
+    run = Run(root, "base", *args, "--save_every=-1", "--save_every_minutes=0.0005", tag="minutes")  # every 30 ms
+    assert run.wait() == 0, run.err()
+    steps = layout.complete_steps(ckpt(root, "minutes"))
+    assert steps[-1] == STEPS and len(steps) >= 3, f"wall-time saves expected before the final one: {steps}"
+
+
 def test_kill_9_anywhere_then_resume_auto_ends_bitwise_equal(ref):
     root, _ = ref
     rng = random.Random(20240601)

@@ -11,6 +11,7 @@ import os
 import sys
 
 NAME = "status"
+QUICK_SETTINGS = True  # read-only: settings from the cache a full load leaves (daemon/settings_cache.py)
 HELP = "show the daemon, the current job, the queue and recent events"
 
 SPARKS = "▁▂▃▄▅▆▇█"
