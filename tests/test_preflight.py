@@ -18,23 +18,7 @@ from trainer import layout
 from conftest import PYTHON, ROOT
 
 GIB = 1 << 30
-DESIGN_PLAN = """\
-name: d8-4060
-model_tag: d8
-runner: builtin
-env: {PYTORCH_ALLOC_CONF: "expandable_segments:True"}
-recovery: {max_restarts_without_progress: 3, stall_timeout: 10m, startup_grace: 15m, oom_backoff: true}
-retention: {keep_last: 3}
-phases:
-  - phase: base
-    args: {depth: 8, device_batch_size: 2, max_seq_len: 1024, num_iterations: 3520, save_every: 250, core_metric_every: -1}
-  - phase: mid
-    args: {device_batch_size: 4, max_seq_len: 1024, num_iterations: 500, save_every: 100, eval_every: -1}
-    env: {TORCH_COMPILE_DISABLE: "1"}
-  - phase: sft
-    args: {device_batch_size: 2, max_tokens: 1024, num_iterations: 200, save_every: 100, eval_every: -1}
-    env: {TORCH_COMPILE_DISABLE: "1"}
-"""
+DESIGN_PLAN = (Path(__file__).parent / "fixtures" / "design-plan.yaml").read_text()
 RTX_4060 = GpuReading("nvml", [GpuInfo(0, "NVIDIA GeForce RTX 4060", 8188 << 20, 300 << 20, 7888 << 20, 0)])
 NO_GPU = GpuReading("none", [], note="no NVIDIA GPU found (NVML: not found; nvidia-smi: not found)")
 

@@ -14,23 +14,7 @@ from daemon.spec import (MAX_JOB_FILE_BYTES, JobFileError, JobSpec, check_name, 
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DESIGN_EXAMPLE = """\
-name: d8-4060                # optional: defaults to the file stem
-model_tag: d8
-runner: builtin              # builtin | nanochat
-env: {PYTORCH_ALLOC_CONF: "expandable_segments:True"}
-recovery: {max_restarts_without_progress: 3, stall_timeout: 10m, startup_grace: 15m, oom_backoff: true}
-retention: {keep_last: 3}
-phases:
-  - phase: base
-    args: {depth: 8, device_batch_size: 2, max_seq_len: 1024, num_iterations: 3520, save_every: 250, core_metric_every: -1}
-  - phase: mid
-    args: {device_batch_size: 4, max_seq_len: 1024, num_iterations: 500, save_every: 100, eval_every: -1}
-    env: {TORCH_COMPILE_DISABLE: "1"}
-  - phase: sft
-    args: {device_batch_size: 2, max_tokens: 1024, num_iterations: 200, save_every: 100, eval_every: -1}
-    env: {TORCH_COMPILE_DISABLE: "1"}
-"""
+DESIGN_EXAMPLE = (Path(__file__).parent / "fixtures" / "design-plan.yaml").read_text()
 ONE = "phases: [{phase: base}]\n"
 
 
