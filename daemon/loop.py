@@ -239,6 +239,14 @@ class Daemon:
             try:
                 self.queue.add(spec, source=result.path.name)
             except q.DuplicateJob as e:
+                existing = self.queue.get(spec.name)
+                if existing.source == result.path.name and existing.spec == spec.model_dump(mode="json"):
+                    # the very file that job came from: a daemon that died between queueing it and
+                    # moving it out of the inbox (or the same file dropped again) is not a new job
+                    self.inbox.accept(result.path, spec.name)
+                    q.append_event(self.settings, "accepted", f"{result.path.name} is job {spec.name}'s own file, "
+                                   f"already {existing.state.value}", job=spec.name, file=result.path.name)
+                    continue
                 self.inbox.reject(result.path, str(e))
                 q.append_event(self.settings, "rejected", str(e), file=result.path.name, job=spec.name)
                 continue

@@ -278,6 +278,28 @@ def test_another_holder_of_the_gpu_lock_makes_the_job_wait_naming_it(env, tmp_pa
     env.wait_state("polite", "done", timeout=120)
 
 
+def test_a_job_file_still_in_the_inbox_after_a_daemon_death_is_the_same_job_not_a_duplicate(env):
+    lock_path = env.settings_.gpu_lock_path(0)
+    fd = gpulock.try_acquire(lock_path)  # keep the job waiting, so the test is about the inbox alone
+    try:
+        d = env.daemon()
+        job = plan("twice", steps=4)
+        env.drop(job)
+        env.wait_state("twice", "waiting", timeout=30)
+        d.kill9()
+        # what a daemon killed between queueing the file and moving it out of the inbox leaves
+        dropped = env.drop(job)
+        other = env.drop({**plan("twice", steps=8)}, filename="twice-again.yaml")
+        env.daemon()
+        wait_until(lambda: not dropped.exists(), 30, message="the job's own file taken out of the inbox")
+        assert not Path(str(dropped) + ".rejected").exists()
+        wait_until(lambda: Path(str(other) + ".rejected").exists(), 30, message="a different file of that name rejected")
+        assert env.state("twice") == "waiting" and len(env.rec("twice").attempts) == 0
+    finally:
+        gpulock.release(fd)
+    env.wait_state("twice", "done", timeout=120)
+
+
 def test_a_second_daemon_on_the_same_home_refuses_and_one_on_another_home_runs(env, tmp_path):
     first = env.daemon()
     r = env.nanod("run", timeout=30)
