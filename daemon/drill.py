@@ -92,6 +92,7 @@ class Drill:
     def plan(self) -> dict:
         """The drill's plan: the 8 GB plan's shape, scaled down to seconds on a CPU."""
         common = {"total_batch_size": 512, "save_every": SAVE_EVERY}
+        scale = -(-self.faults // len(FAULTS))  # a longer plan for more faults, so they land before the end
         return {
             "name": "drill", "model_tag": "drill-d2",
             "env": {"TORCH_COMPILE_DISABLE": "1", "NANOD_FAULT_OOM_ABOVE": "2", "NANOD_FAULT_SLOW_SAVE_MS": "80"},
@@ -100,10 +101,12 @@ class Drill:
             "retention": {"keep_last": 3},
             "phases": [
                 {"phase": "base", "args": {"depth": 2, "max_seq_len": 64, "device_batch_size": 2,
-                                           "num_iterations": 48, **common}},
+                                           "num_iterations": 48 * scale, **common}},
                 # 4 rows do not fit the simulated 2-row card: the daemon must back off to 2
-                {"phase": "mid", "args": {"max_seq_len": 64, "device_batch_size": 4, "num_iterations": 24, **common}},
-                {"phase": "sft", "args": {"max_tokens": 64, "device_batch_size": 2, "num_iterations": 18, **common}},
+                {"phase": "mid", "args": {"max_seq_len": 64, "device_batch_size": 4, "num_iterations": 24 * scale,
+                                          **common}},
+                {"phase": "sft", "args": {"max_tokens": 64, "device_batch_size": 2, "num_iterations": 18 * scale,
+                                          **common}},
             ],
         }
 
@@ -198,6 +201,9 @@ class Drill:
             return att
         return None
 
+    def finished(self) -> bool:
+        return self.record().get("state") in ("done", "failed", "cancelled")
+
     def steps_done(self) -> int | None:
         att = self.running_attempt()
         return None if not att else att.get("last_step")
@@ -253,9 +259,15 @@ class Drill:
             return self.fill_disk(fr)
         elif kind == "bad_files":
             return self.drop_bad_files(fr)
-        new = self.wait_for(lambda: self.stepping_attempt(after_n=n), 180, f"recovery from {kind}")
+        new = self.wait_for(lambda: self.stepping_attempt(after_n=n) or self.finished(), 180, f"recovery from {kind}")
         fr.took = round(self.now() - fr.at, 1)
+        if new is True:  # the phase's last step landed as the fault did: nothing left to relaunch
+            fr.recovery, fr.lost = f"the job finished ({self.record().get('state')})", 0
+            return fr
         fr.recovery = f"attempt {new['n']} resumed from step {new.get('resumed_from')}"
+        # the ended attempt's last step as its whole log says (progress on record lags by up to 0.5 s)
+        ended = self.record().get("attempts", [])[n - 1]
+        fr.step = ended.get("last_step") if ended.get("last_step") is not None else fr.step
         if new["phase"] == fr.phase and fr.step is not None:
             fr.lost = max(0, fr.step - (new.get("resumed_from") or 0))
         return fr
@@ -279,7 +291,8 @@ class Drill:
         ballast.unlink()
         freed_at = self.now()
         step = self.steps_done() or 0
-        self.wait_for(lambda: self.record().get("state") == "running" and (self.steps_done() or 0) > step, 120,
+        self.wait_for(lambda: self.finished() or (self.record().get("state") == "running"
+                                                  and (self.steps_done() or 0) > step), 120,
                       "resumption after disk space returned")
         fr.took = round(self.now() - freed_at, 1)
         fr.note = (fr.note + "; " if fr.note else "") + "took = space returned -> stepping again"
