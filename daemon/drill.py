@@ -222,6 +222,13 @@ class Drill:
     def _inject(self, kind: str) -> FaultRecord:
         att = self.wait_for(self.stepping_attempt, 120, "a running attempt")
         time.sleep(self.rng.uniform(0.3, 1.5))
+        if kind in ("kill_trainer", "torn_checkpoint"):
+            # between saves: a save is durable only once its background write lands, so a kill while one
+            # is in flight can lose up to 2 x save_every; that case is kill_in_save's, with its own bound
+            try:
+                self.wait_for(lambda: not saving(self.ckpt_dir(att["phase"])), 20, "no save in flight")
+            except TimeoutError:
+                pass
         att = self.running_attempt() or att
         fr = FaultRecord(kind, round(self.now(), 1), att["phase"], self.steps_done(), bound=SAVE_EVERY)
         n = att["n"]
@@ -233,6 +240,7 @@ class Drill:
             except TimeoutError:
                 fr.note = "no save seen in 20s; killed between saves"
             fr.step = self.steps_done()
+            fr.bound = 2 * SAVE_EVERY  # the loop runs at most one save ahead of the write in flight
             os.killpg(att["pgid"], signal.SIGKILL)
         elif kind == "kill_trainer":
             os.killpg(att["pgid"], signal.SIGKILL)
