@@ -286,10 +286,9 @@ class Drill:
             return fr
         ballast = self.ckpt_root / "ballast"
         free = shutil.disk_usage(self.ckpt_root).free
-        with open(ballast, "wb") as f:  # leave less than one checkpoint free
-            f.truncate(max(0, free - 1_000_000))
-        subprocess.run(["dd", "if=/dev/zero", f"of={ballast}", "bs=1M", f"count={max(1, (free - 1_000_000) >> 20)}",
-                        "conv=notrunc"], capture_output=True)
+        # real blocks (a sparse file takes no space), leaving less than one checkpoint free
+        subprocess.run(["dd", "if=/dev/zero", f"of={ballast}", "bs=1M", f"count={max(1, (free - 1_000_000) >> 20)}"],
+                       capture_output=True)
         try:
             self.wait_for(lambda: self.record().get("state") in ("paused", "waiting"), 60, "a pause for disk")
             fr.recovery = self.record().get("reason", "")[:60]

@@ -62,9 +62,14 @@ def write_cache(home: Path | str | None, values: dict, path_fields: list[str]) -
     state = bootstrap_home(home) / "state"
     if not state.is_dir():
         return
+    payload = {"key": cache_key(home, config_path(home)), "values": values, "path_fields": path_fields}
     try:
-        write_json_atomic(state / CACHE_NAME, {"key": cache_key(home, config_path(home)), "values": values,
-                                               "path_fields": path_fields})
+        if json.loads((state / CACHE_NAME).read_bytes()) == payload:
+            return  # every command loads settings: rewrite (and fsync) only what changed
+    except (OSError, ValueError):
+        pass
+    try:
+        write_json_atomic(state / CACHE_NAME, payload)
     except OSError:
         pass
 

@@ -57,3 +57,12 @@ def test_the_cache_is_private(tmp_path):
     load_settings(home)
     path = home / "state" / "settings.json"
     assert path.stat().st_mode & 0o777 == 0o600 and json.loads(path.read_text())["values"]["home"] == str(home)
+
+
+def test_an_unchanged_load_does_not_rewrite_the_cache(tmp_path):
+    home = make_home(tmp_path)
+    load_settings(home)
+    path = home / "state" / "settings.json"
+    before = path.stat().st_ino, path.stat().st_mtime_ns
+    load_settings(home)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == before
