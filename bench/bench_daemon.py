@@ -155,20 +155,13 @@ def bench_stall(b: Bench, runs: int, stall_timeout: float = 2.0) -> list[float]:
 
 
 def bench_idle(b: Bench, seconds: float) -> tuple[float, float]:
-    pid = b.daemon.pid
+    import psutil
+    proc = psutil.Process(b.daemon.pid)
     time.sleep(2.0)
-    tick = os.sysconf("SC_CLK_TCK")
-    c0, t0 = cpu_ticks(pid), time.monotonic()
+    c0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
     time.sleep(seconds)
-    c1, t1 = cpu_ticks(pid), time.monotonic()
-    rss_kb = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
-    return rss_kb / 1024, 100.0 * (c1 - c0) / tick / (t1 - t0)
-
-
-def cpu_ticks(pid: int) -> int:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])
+    c1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
+    return proc.memory_info().rss / 2**20, 100.0 * (c1 - c0) / (t1 - t0)
 
 
 STEP_TPS = re.compile(r"^step\s+(\d+)/\d+.*\|\s*tok/sec:\s*([0-9,]+)", re.M)

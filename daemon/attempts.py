@@ -1,17 +1,17 @@
 """The daemon's hands on attempts: launch one, watch it, and act on its end.
 
-Runtime state (`Active`: the process, the log offset, stall clocks) lives
-here and is never written to disk; everything durable goes through queue.py,
-every decision comes from supervisor.py, every process operation from
-runner.py. The loop (daemon/loop.py) calls these methods in its fixed order.
+Runtime state (`Active`: the process handle, the log offset, stall clocks)
+lives here and is never written to disk; everything durable goes through
+queue.py, every decision comes from supervisor.py. What runs is the job's
+trainer adapter (daemon/trainers/); where it runs, with what it must hold
+(the GPU lock), is the job's launcher (daemon/launchers/). The loop
+(daemon/loop.py) calls these methods in its fixed order.
 
-A launch takes the GPU lock (daemon/gpu/lock.py), starts the process with the
-lock's descriptor inherited, writes the holder file and closes the daemon's
-copy: from then on the lock is the attempt's. After a restart, `recover`
-finds an attempt the previous daemon left running (pid + start time, or the
-holder file when the daemon died before recording the pid) and stops it
-gracefully; the relaunch then waits for the lock, so no two trainers ever
-run at once.
+A launch reserves what the launcher needs (the local one: the GPU lock),
+starts the attempt, which from then on holds it by itself, and records it.
+After a restart, `recover` finds an attempt the previous daemon left running
+(the launcher adopts it) and stops it gracefully; the relaunch then waits for
+the lock, so no two trainers ever run at once.
 """
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon import runner, supervisor
-from daemon.gpu import lock as gpulock
+from daemon import supervisor
+from daemon.attempt_log import LogTail, last_error_line, log_path, read_tail
+from daemon.launchers import AttemptHandle, attempt_env, launcher_for
 from daemon.queue import Attempt, JobRecord, JobState, Queue, append_event
-from daemon.runners import Outcome, Progress
 from daemon.supervisor import Action, Decision
+from daemon.trainers import Outcome, Progress, adapter_for
 from trainer import layout
 
 log = logging.getLogger("nanod")
@@ -33,13 +34,21 @@ CHECKPOINT_SCAN_INTERVAL = 1.0   # s between looks at the checkpoint directory o
 PROGRESS_SAVE_INTERVAL = 0.5     # s: progress reaches the record at most twice a second
 
 
-def adapter_for(settings, spec):
-    """The RunnerAdapter of a job's runner."""
-    if spec.runner == "builtin":
-        from daemon.runners.builtin import BuiltinRunner
-        return BuiltinRunner(settings)
-    from daemon.runners import nanochat  # the nanochat room's adapter
-    return nanochat.adapter_for(settings, spec) if hasattr(nanochat, "adapter_for") else nanochat.NanochatRunner(settings, spec)
+def newest_checkpoint(ckpt_dir: Path, *, since: float | None = None, is_complete=layout.is_complete) -> int | None:
+    """The newest complete checkpoint (the adapter's is_complete, trainer.layout's by default) whose
+    meta was written at or after `since` (a stale directory of an older job with the same model_tag
+    is not resumed from)."""
+    for step in reversed(layout.list_steps(ckpt_dir)):
+        if not is_complete(ckpt_dir, step):
+            continue
+        if since is not None:
+            try:
+                if layout.meta_path(ckpt_dir, step).stat().st_mtime < since - 2.0:
+                    continue
+            except OSError:
+                continue
+        return step
+    return None
 
 
 @dataclass
@@ -47,11 +56,11 @@ class Active:
     """A live attempt and what the loop knows about it right now."""
 
     rec: JobRecord
-    proc: runner.AttemptProcess
+    proc: AttemptHandle
     adapter: object
     phase: str
     ckpt_dir: Path
-    tail: runner.LogTail
+    tail: LogTail
     since: float | None          # when this phase's first attempt started: older checkpoints are not ours
     start_ckpt: int | None       # newest complete checkpoint when the attempt started
     last_ckpt: int | None
@@ -80,12 +89,10 @@ class Attempts:
         for rec in self.queue.ordered(S.RUNNING, S.PAUSED, S.WAITING, S.BACKING_OFF):
             att = rec.last_attempt
             if att is not None and att.ended_at is None:
-                proc = runner.AttemptProcess.adopt(att.pid, att.pgid, att.proc_start) if att.pid else None
-                proc = proc or self._adopt_from_holder(rec, att)
-                a = self._watch(rec, att, proc or runner.AttemptProcess(att.pid or 0, att.pgid or 0, None))
+                proc = launcher_for(self.settings, rec.job_spec).adopt(rec, att)
+                a = self._watch(rec, att, proc or _Ended(att))
                 if proc is None:
-                    a.proc.exited = True   # ended while no daemon watched: settled by the next reap
-                    continue
+                    continue   # ended while no daemon watched: settled by the next reap
                 a.stop = "survivor"
                 a.kill_at = time.monotonic() + rec.job_spec.recovery.kill_grace
                 proc.terminate()
@@ -93,15 +100,6 @@ class Attempts:
                                 "stopping it to resume from its checkpoint under this one", attempt=att.n)
             elif rec.state in (S.RUNNING, S.PAUSED):
                 self.queue.back_off(rec, 0, "resuming after a daemon restart", kind="relaunch", attempt=None)
-
-    def _adopt_from_holder(self, rec: JobRecord, att: Attempt) -> runner.AttemptProcess | None:
-        """The daemon died between starting the attempt and recording its pid: the lock's holder file knows."""
-        holder = gpulock.read_holder(self.settings.gpu_lock_path(rec.job_spec.gpu))
-        if (holder and holder.get("job") == rec.name and holder.get("home") == str(self.settings.home)
-                and isinstance(holder.get("pid"), int) and holder.get("since", 0) >= att.started_at - 1):
-            pid = holder["pid"]
-            return runner.AttemptProcess.adopt(pid, pid, runner.proc_start_time(pid))
-        return None
 
     # ---- launching -------------------------------------------------------------------
     def start_next(self) -> None:
@@ -136,19 +134,16 @@ class Attempts:
                 return self._wait(rec, short)
         if not self._preflight(rec, dbs):
             return
-        lock_path = self.settings.gpu_lock_path(spec.gpu)
+        launcher = launcher_for(self.settings, spec)
+        reservation = launcher.reserve(rec)
+        if isinstance(reservation, str):
+            return self._wait(rec, reservation)
         try:
-            fd = gpulock.try_acquire(lock_path)
-        except OSError as e:
-            return self._wait(rec, f"cannot use GPU {spec.gpu}'s lock {lock_path}: {e.strerror or e}")
-        if fd is None:
-            return self._wait(rec, f"waiting for GPU {spec.gpu}'s lock, held by {gpulock.describe_holder(lock_path)}")
-        try:
-            self._start(rec, adapter, phase, dbs, fd, lock_path)
+            self._start(rec, adapter, launcher, phase, dbs, reservation)
         finally:
-            gpulock.release(fd)   # the attempt holds its own copy from here on
+            launcher.release(reservation)   # the attempt holds its own copy from here on
 
-    def _start(self, rec: JobRecord, adapter, phase: str, dbs: int | None, fd: int, lock_path: Path) -> None:
+    def _start(self, rec: JobRecord, adapter, launcher, phase: str, dbs: int | None, reservation) -> None:
         spec, i = rec.job_spec, rec.phase_index
         args = dict(spec.phases[i].args)
         tag = str(args.get("model_tag") or spec.resolved_model_tag)
@@ -161,7 +156,7 @@ class Attempts:
                    " use a new model_tag, or move that folder away")
             return self._apply(rec, Decision(Action.FAIL, why, "failed"), None, len(rec.attempts) + 1)
         since = earlier[0].started_at if earlier else None
-        resume = runner.newest_checkpoint(ckpt_dir, since=since, is_complete=adapter.is_complete) \
+        resume = newest_checkpoint(ckpt_dir, since=since, is_complete=adapter.is_complete) \
             if earlier and adapter.can_resume(phase) else None
         init = rec.phase_final_steps.get(spec.phases[i - 1].phase) if i > 0 and resume is None else None
         if dbs is not None:
@@ -177,14 +172,15 @@ class Attempts:
         if earlier and not adapter.can_resume(phase):
             self.queue.note(rec, "restart_from_start",
                             f"restarted from the start: this {getattr(adapter, 'name', spec.runner)} phase cannot resume")
-        log_file = runner.log_path(self.settings, rec.name, n)
+        log_file = log_path(self.settings, rec.name, n)
         att = Attempt(n=n, phase=phase, started_at=time.time(), resumed_from=resume, init_from=init,
                       device_batch_size=dbs, log=str(log_file.relative_to(self.settings.home)))
         self.queue.begin_attempt(rec, att)   # on record before the process exists: a crash here is visible
-        env = runner.build_env(self.settings, spec, i, n, launch.env)
+        env = attempt_env(self.settings, spec, i, n, trainer_env=launch.env, defaults=adapter.default_env(phase),
+                          place_env=launcher.place_env(rec))
         try:
-            proc = runner.start_attempt(launch, env, log_file, pass_fds=(fd,),
-                                        header=f"job {rec.name}, phase {phase}, attempt {n}: {' '.join(launch.argv)}")
+            proc = launcher.start(rec, launch, env, log_file, reservation,
+                                  header=f"job {rec.name}, phase {phase}, attempt {n}: {' '.join(launch.argv)}")
         except OSError as e:
             error = f"{launch.argv[0]}: {e.strerror or e}"
             self.queue.end_attempt(rec, outcome=Outcome.FAILED_TO_START.value, exit_code=None, error=error)
@@ -192,7 +188,6 @@ class Attempts:
                                   recovery=spec.recovery, restarts_without_progress=rec.restarts_without_progress,
                                   progressed=False, device_batch_size=dbs, exit_words="", error=error)
             return self._apply(rec, d, None, n)
-        gpulock.write_holder(lock_path, pid=proc.pid, command=launch.argv, home=str(self.settings.home), job=rec.name)
         att.pid, att.pgid, att.proc_start = proc.pid, proc.pgid, proc.proc_start
         since = since or att.started_at
         how = f"resumed from step {resume}" if resume is not None else \
@@ -201,7 +196,7 @@ class Attempts:
         a = self._watch(rec, att, proc)
         a.since, a.start_ckpt, a.last_ckpt = since, resume, resume
 
-    def _watch(self, rec: JobRecord, att: Attempt, proc: runner.AttemptProcess) -> Active:
+    def _watch(self, rec: JobRecord, att: Attempt, proc: AttemptHandle) -> Active:
         spec = rec.job_spec
         adapter = adapter_for(self.settings, spec)
         args = spec.phases[rec.phase_index].args
@@ -211,7 +206,7 @@ class Attempts:
         since = earlier[0].started_at if earlier else att.started_at
         total = args.get("num_iterations") if isinstance(args.get("num_iterations"), int) else None
         a = Active(rec=rec, proc=proc, adapter=adapter, phase=att.phase, ckpt_dir=ckpt_dir,
-                   tail=runner.LogTail(self.settings.home / att.log), since=since, start_ckpt=att.resumed_from,
+                   tail=LogTail(self.settings.home / att.log), since=since, start_ckpt=att.resumed_from,
                    last_ckpt=att.resumed_from, last_activity=time.monotonic(),
                    total=total if total and total > 0 else None)
         self.active[rec.name] = a
@@ -286,7 +281,7 @@ class Attempts:
                 a.paused, a.last_activity = False, now   # the stall clock starts again; a step line says running
 
     def _scan_checkpoints(self, a: Active, now: float) -> None:
-        newest = runner.newest_checkpoint(a.ckpt_dir, since=a.since, is_complete=a.adapter.is_complete)
+        newest = newest_checkpoint(a.ckpt_dir, since=a.since, is_complete=a.adapter.is_complete)
         if newest is not None and (a.last_ckpt is None or newest > a.last_ckpt):
             a.last_ckpt, a.last_activity = newest, now
             self.queue.set_checkpoint(a.rec, a.phase, newest, layout.size_of(a.ckpt_dir, newest))
@@ -320,7 +315,7 @@ class Attempts:
                                                         startup_grace=rc.startup_grace):
                 quiet = now - a.last_activity
                 self._stop(a, "stall", f"no step line and no new checkpoint for {quiet:.0f}s: "
-                           f"stopping process group {a.proc.pgid}")
+                           f"stopping {a.proc.describe()}")
 
     def enforce_deadlines(self) -> None:
         now = time.monotonic()
@@ -328,7 +323,7 @@ class Attempts:
             if a.kill_at is not None and now >= a.kill_at:
                 a.kill_at = None
                 a.proc.kill()
-                self.queue.note(a.rec, "killed", f"process group {a.proc.pgid} outlived kill_grace: SIGKILL",
+                self.queue.note(a.rec, "killed", f"{a.proc.describe()} outlived kill_grace: SIGKILL",
                                 attempt=a.rec.last_attempt.n)
 
     def _stop(self, a: Active, why: str, message: str) -> None:
@@ -344,7 +339,7 @@ class Attempts:
         self.stopping = True
         for a in self.active.values():
             if a.stop is None:
-                self._stop(a, "shutdown", f"the daemon is stopping: SIGTERM to process group {a.proc.pgid}")
+                self._stop(a, "shutdown", f"the daemon is stopping: SIGTERM to {a.proc.describe()}")
             elif a.stop == "stall":
                 a.stop = "shutdown"  # already signalled: a second SIGTERM would abort its emergency save
         for rec in self.queue.ordered(S.WAITING, S.BACKING_OFF):
@@ -364,12 +359,12 @@ class Attempts:
     def _finish(self, a: Active) -> None:
         rec, att = a.rec, a.rec.last_attempt
         self._read_lines(a, time.monotonic())
-        newest = runner.newest_checkpoint(a.ckpt_dir, since=a.since, is_complete=a.adapter.is_complete)
+        newest = newest_checkpoint(a.ckpt_dir, since=a.since, is_complete=a.adapter.is_complete)
         if newest is not None and (a.last_ckpt is None or newest > a.last_ckpt):
             a.last_ckpt = newest
             self.queue.set_checkpoint(rec, a.phase, newest, layout.size_of(a.ckpt_dir, newest))
-        tail = runner.read_tail(self.settings.home / att.log)
-        error = runner.last_error_line(tail)
+        tail = read_tail(self.settings.home / att.log)
+        error = last_error_line(tail)
         code = a.proc.returncode
         if code is None:  # a survivor, or an attempt that ended while no daemon watched: no exit code
             done = a.total is not None and newest == a.total
@@ -443,7 +438,7 @@ class Attempts:
             a = self.active.get(name)
             if a is not None:
                 if a.stop != "cancel":
-                    self._stop(a, "cancel", f"cancel requested: SIGTERM to process group {a.proc.pgid}")
+                    self._stop(a, "cancel", f"cancel requested: SIGTERM to {a.proc.describe()}")
             elif not rec.finished:
                 self.queue.transition(rec, S.CANCELLED, "cancelled by request", kind="cancelled")
         elif action == "retry":
@@ -453,3 +448,23 @@ class Attempts:
                 self.queue.note(rec, "error", f"retry ignored: the job is {rec.state.value}")
         else:
             append_event(self.settings, "error", f"unknown request {action!r} for job {name}", job=name)
+
+
+class _Ended:
+    """The handle of an attempt that ended while no daemon watched: no process, no exit code."""
+
+    def __init__(self, att: Attempt):
+        self.pid, self.pgid, self.proc_start = att.pid or 0, att.pgid or 0, att.proc_start
+        self.returncode, self.exited = None, True
+
+    def poll(self) -> bool:
+        return True
+
+    def terminate(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"process group {self.pgid}"

@@ -436,23 +436,12 @@ def saving(ckpt_dir: Path) -> bool:
 
 def trainer_pids(ckpt_root: Path) -> list[int]:
     """Trainer processes (python -m trainer) whose NANOCHAT_BASE_DIR is this drill's."""
-    want = f"NANOCHAT_BASE_DIR={ckpt_root}".encode()
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = open(f"/proc/{entry.name}/cmdline", "rb").read().split(b"\0")
-            if b"-m" not in cmd or b"trainer" not in cmd:
-                continue
-            stat = open(f"/proc/{entry.name}/stat", "rb").read()
-            if stat.rsplit(b")", 1)[1].split()[0] == b"Z":
-                continue  # a zombie holds nothing
-            if want in open(f"/proc/{entry.name}/environ", "rb").read().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
+    from daemon import procs
+
+    def is_ours(pid: int) -> bool:
+        cmd = procs.command(pid, limit=4000).split()
+        return "-m" in cmd and "trainer" in cmd and procs.environ(pid).get("NANOCHAT_BASE_DIR") == str(ckpt_root)
+    return procs.find(is_ours)
 
 
 def run_drill(seed: int | None, faults: int, workdir: str | None, keep: bool) -> int:

@@ -121,6 +121,7 @@ def read_meminfo(path: str = "/proc/meminfo") -> dict:
 
 def read_trainer(settings) -> dict | None:
     """The running job's trainer: RSS summed over its process group, and its own CUDA peak."""
+    from daemon import procs  # not at the top: `nanod status` imports this module for read_latest
     from daemon.queue import list_jobs
     for rec in list_jobs(settings):
         d = rec.to_dict()
@@ -131,54 +132,14 @@ def read_trainer(settings) -> dict | None:
         progress = d.get("progress") or {}
         out = {"job": d["name"], "phase": att.get("phase"), "pid": pid, "pgid": pgid,
                "rss_bytes": None, "processes": 0, "peak_mem_gib": progress.get("peak_mem_gib")}
-        if isinstance(pid, int) and _same_process(pid, att.get("proc_start")):
-            members = group_members(pgid) if isinstance(pgid, int) else []
-            members = members or [pid]
-            rss = [r for r in map(read_rss, members) if r is not None]
+        if procs.is_alive(pid, att.get("proc_start")):
+            members = procs.group_pids(pgid) if isinstance(pgid, int) else []
+            members = sorted(set(members or [pid]) | set(procs.descendants(pid)))
+            rss = [r for r in map(procs.rss, members) if r is not None]
             out["rss_bytes"] = sum(rss) if rss else None
             out["processes"] = len(rss)
         return out
     return None
-
-
-def read_rss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def group_members(pgid: int) -> list[int]:
-    """Every pid whose process group is pgid (the trainer and its workers)."""
-    members = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            stat = _proc_stat(int(name))
-            if stat is not None and len(stat) > 2 and stat[2] == str(pgid):
-                members.append(int(name))
-    return members
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    # fields after "(comm)": state ppid pgrp ... (comm may itself hold spaces and parentheses)
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2:].split()
-
-
-def _same_process(pid: int, proc_start) -> bool:
-    stat = _proc_stat(pid)
-    if stat is None:
-        return False
-    # starttime is field 22 of /proc/<pid>/stat, i.e. index 19 after the comm
-    return not isinstance(proc_start, int) or (len(stat) > 19 and stat[19] == str(proc_start))
 
 
 def _err(e: BaseException) -> str:

@@ -17,7 +17,7 @@ Each tick runs, in this order:
 The loop sleeps on a pipe between ticks: the inbox's watcher, signals and
 SIGCHLD wake it at once, else it ticks every tick_interval. Signal handlers
 only record; the loop acts. All job-state changes go through queue.py; all
-process handling through runner.py; all decisions through supervisor.py. The
+process handling through a launcher (daemon/launchers/); all decisions through supervisor.py. The
 launch/finish logic of one attempt is in daemon/attempts.py.
 """
 from __future__ import annotations
@@ -135,7 +135,7 @@ class Daemon:
         self.attempts: attempts.Attempts | None = None
         self.inbox = None
         self.health = None
-        self.notifier = None
+        self.systemd = None
         self.started_at = time.time()
         self._heartbeat_at = 0.0
 
@@ -169,17 +169,17 @@ class Daemon:
             self.health = health.HealthMonitor(
                 self.settings, on_warning=lambda text: q.append_event(self.settings, "health_warning", text))
             self.health.start()
-        from daemon.notify import Notifier
-        self.notifier = Notifier.from_env()
+        from daemon.sdnotify import SystemdNotifier
+        self.systemd = SystemdNotifier.from_env()
         q.append_event(self.settings, "daemon_start", f"nanod daemon pid {os.getpid()} started; inbox "
                        f"{self.settings.inbox_dir} ({self.inbox.mode})")
         self.write_heartbeat(force=True)
-        self.notifier.ready(self.status_line())
+        self.systemd.ready(self.status_line())
         log.info("nanod: home %s, inbox %s (%s)", self.settings.home, self.settings.inbox_dir, self.inbox.mode)
 
     def finish(self) -> None:
-        if self.notifier is not None:
-            self.notifier.stopping("stopping")
+        if self.systemd is not None:
+            self.systemd.stopping("stopping")
         for stop in (self.inbox and self.inbox.stop, self.health and self.health.stop):
             if stop:
                 try:
@@ -288,11 +288,11 @@ class Daemon:
         write_json_atomic(self.settings.state_dir / "daemon.json", info)
 
     def notify_watchdog(self) -> None:
-        self.notifier.watchdog()
+        self.systemd.watchdog()
         line = self.status_line()
         if line != getattr(self, "_last_status", None):
             self._last_status = line
-            self.notifier.status(line)
+            self.systemd.status(line)
 
     # -- helpers
     def next_timeout(self) -> float:
@@ -358,7 +358,7 @@ def change_job(settings, action: str, name: str, *, wait: float = 5.0) -> str:
         if action == "retry":
             queue.retry(rec)
             return f"{name} requeued; it resumes from its last checkpoint when a daemon runs"
-        _stop_orphan(rec)
+        _stop_orphan(settings, rec)
         queue.end_attempt(rec, outcome="cancelled", exit_code=None, error="cancelled with no daemon running")
         queue.transition(rec, S.CANCELLED, "cancelled by request (no daemon was running)", kind="cancelled")
         return f"{name} cancelled"
@@ -366,16 +366,17 @@ def change_job(settings, action: str, name: str, *, wait: float = 5.0) -> str:
         os.close(fd)
 
 
-def _stop_orphan(rec) -> None:
+def _stop_orphan(settings, rec) -> None:
     """An attempt left alive by a dead daemon is stopped like a cancel: SIGTERM, SIGKILL after kill_grace."""
-    from daemon import runner
+    from daemon.launchers import launcher_for
+    from daemon.launchers.local import wait_gone
     att = rec.last_attempt
     if att is None or att.ended_at is not None or not att.pid:
         return
-    proc = runner.AttemptProcess.adopt(att.pid, att.pgid, att.proc_start)
+    proc = launcher_for(settings, rec.job_spec).adopt(rec, att)
     if proc is None:
         return
     proc.terminate()
-    if not runner.wait_gone(proc, rec.job_spec.recovery.kill_grace):
+    if not wait_gone(proc, rec.job_spec.recovery.kill_grace):
         proc.kill()
-        runner.wait_gone(proc, 5.0)
+        wait_gone(proc, 5.0)

@@ -392,12 +392,9 @@ def _check_save_every(flags: dict, phase: str) -> Check:
 
 
 def _check_allocator(spec, phase_index) -> Check:
-    try:
-        from daemon.runner import GUIDE_ENV
-    except ImportError:
-        GUIDE_ENV = {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    from daemon.trainers import GUIDE_ALLOC_ENV
     phase = spec.phases[phase_index].phase
-    env = {**GUIDE_ENV, **spec.phase_env(phase_index)}  # as daemon.runner.build_env layers them
+    env = {**GUIDE_ALLOC_ENV, **spec.phase_env(phase_index)}  # as daemon.launchers.attempt_env layers them
     value = env.get("PYTORCH_ALLOC_CONF") or env.get("PYTORCH_CUDA_ALLOC_CONF") or ""
     source = "nanod's default" if "PYTORCH_ALLOC_CONF" not in spec.phase_env(phase_index) else "the job's env"
     if "expandable_segments:true" in value.replace(" ", "").lower():

@@ -80,7 +80,7 @@ class Attempt:
     proc_start: int | None = None      # /proc/<pid>/stat starttime: tells a reused pid apart
     started_at: float = 0.0
     ended_at: float | None = None
-    outcome: str | None = None         # daemon.runners.Outcome value once ended
+    outcome: str | None = None         # daemon.trainers.Outcome value once ended
     exit_code: int | None = None
     resumed_from: int | None = None
     init_from: int | None = None

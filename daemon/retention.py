@@ -225,15 +225,15 @@ class DirPolicy:
 
 
 def job_optim_ranks(record, phase: str) -> int | None:
-    """The optimizer files a complete checkpoint of this job's phase has, as its runner says
+    """The optimizer files a complete checkpoint of this job's phase has, as its trainer says
     (a nanochat checkout's chat_sft may save none); None lets the meta decide."""
     rec = _as_dict(record)
     if (rec.get("spec") or {}).get("runner") != "nanochat":
         return None
     try:
-        from daemon.runners.nanochat import NanochatAdapter
         from daemon.spec import JobSpec
-        return NanochatAdapter(None, JobSpec.model_validate(rec["spec"])).optim_ranks(phase)
+        from daemon.trainers.nanochat import NanochatTrainer
+        return NanochatTrainer(None, JobSpec.model_validate(rec["spec"])).optim_ranks(phase)
     except Exception:
         return None
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from daemon.runners import Outcome
+from daemon.trainers import Outcome
 
 
 class Action(str, Enum):

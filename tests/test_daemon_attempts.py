@@ -6,11 +6,13 @@ import time
 
 import pytest
 
-from daemon import runner
+from daemon import procs
+from daemon.attempt_log import LogTail
 from daemon.attempts import Active, Attempts
 from daemon.config import ensure_dirs, load_settings
 from daemon.queue import Attempt, JobState, Queue
-from daemon.runners.builtin import BuiltinRunner
+from daemon.launchers.local import LocalProcess
+from daemon.trainers.builtin import BuiltinTrainer
 from daemon.spec import parse_job
 from tests.conftest import PYTHON
 
@@ -32,9 +34,9 @@ def watched(nanod_home, nanochat_dir):
                                      log=str(log.relative_to(settings.home))))
     queue.transition(rec, JobState.RUNNING, "phase base, attempt 1")
     attempts = Attempts(settings, queue)
-    proc = runner.AttemptProcess(sleeper.pid, sleeper.pid, runner.proc_start_time(sleeper.pid), sleeper)
-    attempts.active["p"] = Active(rec=rec, proc=proc, adapter=BuiltinRunner(settings), phase="base",
-                                  ckpt_dir=nanochat_dir / "none", tail=runner.LogTail(log), since=time.time(),
+    proc = LocalProcess(sleeper.pid, sleeper.pid, procs.start_ticks(sleeper.pid), sleeper)
+    attempts.active["p"] = Active(rec=rec, proc=proc, adapter=BuiltinTrainer(settings), phase="base",
+                                  ckpt_dir=nanochat_dir / "none", tail=LogTail(log), since=time.time(),
                                   start_ckpt=None, last_ckpt=None, last_activity=time.monotonic())
     yield attempts, rec, log
     sleeper.kill()

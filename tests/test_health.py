@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from daemon import health
+from daemon import health, procs
 from daemon.atomic import write_json_atomic
 from daemon.config import load_settings
 from daemon.queue import Attempt, JobRecord, JobState
@@ -51,7 +51,7 @@ def test_one_failing_metric_keeps_the_others(settings, monkeypatch):
 
 
 def write_running_job(settings, pid, pgid, peak=3.25):
-    start = health._proc_stat(pid)[19]
+    start = procs.start_ticks(pid)
     rec = JobRecord(name="d8", seq=1, spec={"name": "d8", "phases": [{"phase": "base"}]}, state=JobState.RUNNING,
                     attempts=[Attempt(n=1, phase="base", pid=pid, pgid=pgid, proc_start=int(start))],
                     progress={"phase": "base", "step": 3, "peak_mem_gib": peak})
@@ -62,12 +62,12 @@ def write_running_job(settings, pid, pgid, peak=3.25):
 def test_trainer_rss_is_summed_over_its_process_group(settings):
     proc = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"], start_new_session=True)
     try:
-        wait_until(lambda: len(health.group_members(proc.pid)) >= 3, message="the group's children")
+        wait_until(lambda: len(procs.group_pids(proc.pid)) >= 3, message="the group's children")
         write_running_job(settings, proc.pid, proc.pid)
         t = health.take_snapshot(settings)["trainer"]
         assert t["job"] == "d8" and t["pid"] == proc.pid and t["peak_mem_gib"] == 3.25
         assert t["processes"] >= 3
-        assert t["rss_bytes"] >= sum(health.read_rss(p) or 0 for p in [proc.pid])
+        assert t["rss_bytes"] >= sum(procs.rss(p) or 0 for p in [proc.pid])
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.runners import Outcome
+from daemon.trainers import Outcome
 from daemon.spec import Recovery
 from daemon.supervisor import Action, backoff_delay, decide, halve_batch, is_stalled, working_batch_size
 

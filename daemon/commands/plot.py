@@ -53,7 +53,7 @@ def _valid_name(name: str) -> bool:
 def collect(settings, rec: dict) -> dict:
     """Everything the figure shows, as plain lists: attempts' (x, loss), marks, health series."""
     from daemon.commands.logs import attempt_logs
-    from daemon.runners.builtin import parse_step_line
+    from daemon.trainers.builtin import parse_step_line
     name = rec["name"]
     phases = [p for p in (rec.get("spec") or {}).get("phases", []) if isinstance(p, dict)]
     names = [p.get("phase") for p in phases]

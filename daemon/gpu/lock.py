@@ -23,6 +23,7 @@ from pathlib import Path
 
 from filelock import lock_descriptor
 
+from daemon import procs
 from daemon.atomic import read_json, write_json_atomic
 
 
@@ -102,56 +103,24 @@ def describe_holder(lock_path: Path) -> str:
     lock_path = Path(lock_path)
     info = read_json(holder_path(lock_path))
     holders = _proc_locks_pids(lock_path)
-    if isinstance(info, dict) and isinstance(info.get("pid"), int) and _alive(info["pid"]):
+    if isinstance(info, dict) and isinstance(info.get("pid"), int) and procs.is_alive(info["pid"]):
         pid = info["pid"]
         # /proc/locks names the process that took the lock: the daemon (the holder's parent), or
         # nobody alive when the taker died and the holder inherited it; another live pid means a stale file
-        live = [h for h in holders if _alive(h)]
-        if not live or pid in live or _parent(pid) in live or _same_group_alive(pid, live):
-            words = f"pid {pid} ({info.get('command') or process_command(pid) or '?'})"
+        live = [h for h in holders if procs.is_alive(h)]
+        group = procs.group_of(pid)
+        if not live or pid in live or procs.parent(pid) in live or \
+                (group is not None and any(procs.group_of(h) == group for h in live)):
+            words = f"pid {pid} ({info.get('command') or procs.command(pid) or '?'})"
             if info.get("job"):
                 words += f", job {info['job']}"
             if info.get("home"):
                 words += f" of {info['home']}"
             return words
     for pid in holders:
-        if _alive(pid):
-            return f"pid {pid} ({process_command(pid) or '?'})"
+        if procs.is_alive(pid):
+            return f"pid {pid} ({procs.command(pid) or '?'})"
     return "another process"
-
-
-def process_command(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
-    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)[:200]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-        return int(raw[raw.rindex(")") + 2:].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _same_group_alive(pid: int, others: list[int]) -> bool:
-    try:
-        pgid = os.getpgid(pid)
-        return any(os.getpgid(o) == pgid for o in others if _alive(o))
-    except OSError:
-        return False
 
 
 def _proc_locks_pids(lock_path: Path) -> list[int]:

@@ -17,8 +17,8 @@ import pytest
 
 from conftest import wait_until
 from daemon.config import load_settings
-from daemon.runners import Outcome
-from daemon.runners.nanochat import (NEVER, NanochatAdapter, NanochatRefused, check_job, classify_exit,
+from daemon.trainers import Outcome
+from daemon.trainers.nanochat import (NEVER, NanochatTrainer, NanochatRefused, check_job, classify_exit,
                                      parse_step_line, read_script)
 from daemon.spec import parse_job
 from nanochat_standin import make_checkout
@@ -60,8 +60,8 @@ U_BASE = {"phase": "base", "args": {**BASE["args"], "total_batch_size": 1024, "s
 U_SFT = {"phase": "sft", "args": {"device_batch_size": 2, "num_iterations": 5, "eval_every": -1}}
 
 
-def adapter_for(tmp_path, spec, repo) -> NanochatAdapter:
-    return NanochatAdapter(settings_for(tmp_path, repo)).for_job(spec)
+def adapter_for(tmp_path, spec, repo) -> NanochatTrainer:
+    return NanochatTrainer(settings_for(tmp_path, repo)).for_job(spec)
 
 
 def launch(tmp_path, spec, repo, index=0, *, args=None, resume_from=None, init_from=None):
@@ -284,7 +284,7 @@ def test_checkpoint_missing_a_ranks_optimizer_is_incomplete(tmp_path, dash):
 def test_configurator_sft_checkpoint_is_complete_without_optimizer_files(tmp_path, underscore):
     ad = adapter_for(tmp_path, job(underscore, [U_BASE, MID, U_SFT], nanochat={"nproc_per_node": 2}), underscore)
     assert (ad.optim_ranks("base"), ad.optim_ranks("mid"), ad.optim_ranks("sft")) == (2, 1, 0)
-    assert NanochatAdapter(None, ad.spec).optim_ranks("sft") == 0   # as retention asks, without settings
+    assert NanochatTrainer(None, ad.spec).optim_ranks("sft") == 0   # as retention asks, without settings
     d = tmp_path / "nc/chatsft_checkpoints/d4"
     write_checkpoint(d, 4, ranks=0)
     assert ad.is_complete(d, 4) and ad.latest_complete(d) == 4
@@ -355,7 +355,7 @@ def run_launch(ln, log: Path, extra_env: dict | None = None, *, unbuffered=True)
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def progress_in(log: Path, ad: NanochatAdapter) -> list:
+def progress_in(log: Path, ad: NanochatTrainer) -> list:
     text = log.read_text(errors="replace") if log.exists() else ""
     return [p for p in map(ad.parse_progress, text.splitlines()) if p]
 

@@ -1,9 +1,11 @@
-"""How to launch one attempt of a phase, and how to read what it says: one adapter per runner.
+"""What runs in an attempt: one adapter per trainer, named by the job's `runner:` key.
 
 `builtin` runs nanod's own trainer (`python -m trainer`); `nanochat` runs the
-scripts of a user's nanochat checkout. The runner module (daemon/runner.py)
-starts and watches the process; the supervisor decides; an adapter only knows
-its trainer's command line, step lines, exit codes and checkpoint rules.
+scripts of a user's nanochat checkout. An adapter only knows its trainer: the
+command line, the environment defaults that are safe for it, its step lines,
+its exit codes and which of its checkpoints are complete. Where the attempt
+runs and how it is stopped is a launcher's (daemon/launchers/); what happens
+after it ends is the supervisor's.
 """
 from __future__ import annotations
 
@@ -47,7 +49,9 @@ class Launch:
     cwd: Path | None = None
 
 
-class RunnerAdapter(Protocol):
+class TrainerAdapter(Protocol):
+    name: str
+
     def checkpoint_dir(self, root: Path, phase: str, model_tag: str) -> Path: ...
 
     def build_launch(self, spec, phase_index: int, *, args: dict, resume_from: int | None,
@@ -60,3 +64,19 @@ class RunnerAdapter(Protocol):
     def is_complete(self, ckpt_dir: Path, step: int) -> bool: ...
 
     def can_resume(self, phase: str) -> bool: ...
+
+    def default_env(self, phase: str) -> dict[str, str]: ...
+
+
+# the training safety guide's allocator setting: safe for every trainer (it only changes how
+# PyTorch's caching allocator grows, never what is computed)
+GUIDE_ALLOC_ENV = {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+
+
+def adapter_for(settings, spec) -> TrainerAdapter:
+    """The adapter of a job's trainer (its `runner:`)."""
+    if spec.runner == "builtin":
+        from daemon.trainers.builtin import BuiltinTrainer
+        return BuiltinTrainer(settings)
+    from daemon.trainers.nanochat import NanochatTrainer
+    return NanochatTrainer(settings, spec)

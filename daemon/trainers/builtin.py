@@ -1,4 +1,4 @@
-"""The `builtin` runner: nanod's own trainer, `python -m trainer {base,mid,sft}`.
+"""Trainer `builtin`: nanod's own trainer, `python -m trainer {base,mid,sft}`.
 
 Knows the trainer's command line, its step lines, its exit codes
 (trainer/exitcodes.py) and its checkpoint layout (trainer/layout.py); nothing
@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from daemon.runners import Launch, Outcome, Progress
+from daemon.trainers import GUIDE_ALLOC_ENV, Launch, Outcome, Progress
 from trainer import exitcodes, layout
 
 REPO_ROOT = Path(layout.__file__).resolve().parents[1]  # where the trainer package is
@@ -60,8 +60,8 @@ def format_arg(key: str, value) -> str:
     return f"--{key}={value}"
 
 
-class BuiltinRunner:
-    """RunnerAdapter for `python -m trainer`."""
+class BuiltinTrainer:
+    """TrainerAdapter for `python -m trainer`."""
 
     name = "builtin"
 
@@ -99,6 +99,11 @@ class BuiltinRunner:
 
     def can_resume(self, phase: str) -> bool:
         return True
+
+    def default_env(self, phase: str) -> dict[str, str]:
+        """The guide's allocator setting, and no torch.compile for mid and sft (the guide's memory
+        advice; nanod's trainer trains the same without it)."""
+        return {**GUIDE_ALLOC_ENV, **({"TORCH_COMPILE_DISABLE": "1"} if phase in ("mid", "sft") else {})}
 
 
 def _pythonpath() -> str:

@@ -22,10 +22,10 @@ import socket
 import time
 from typing import Callable, Mapping
 
-log = logging.getLogger("nanod.notify")
+log = logging.getLogger("nanod.sdnotify")
 
 
-class Notifier:
+class SystemdNotifier:
     def __init__(self, address: str | None, *, watchdog_usec: int | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.address = address or None               # as in NOTIFY_SOCKET: a path or "@abstract"
@@ -36,8 +36,8 @@ class Notifier:
         self._failed_once = False
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Notifier":
-        """A Notifier from NOTIFY_SOCKET, WATCHDOG_USEC and WATCHDOG_PID.
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "SystemdNotifier":
+        """A SystemdNotifier from NOTIFY_SOCKET, WATCHDOG_USEC and WATCHDOG_PID.
 
         WATCHDOG_PID names the process systemd expects pings from: when it is
         set and is not us (e.g. we are a child that inherited the variables),

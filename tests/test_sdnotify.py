@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from daemon.notify import Notifier
+from daemon.sdnotify import SystemdNotifier
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ class FakeClock:
 def test_messages_arrive_in_order_with_rate_limited_watchdog(listener):
     path, sock = listener
     clock = FakeClock()
-    n = Notifier(path, watchdog_usec=10_000_000, clock=clock)  # WatchdogSec=10s
+    n = SystemdNotifier(path, watchdog_usec=10_000_000, clock=clock)  # WatchdogSec=10s
     assert n.enabled and n.watchdog_due()
     assert n.ready(status="idle")
     assert n.watchdog() is True          # first ping goes at once
@@ -66,7 +66,7 @@ def test_messages_arrive_in_order_with_rate_limited_watchdog(listener):
 
 def test_from_env_reads_socket_and_watchdog_for_our_pid(listener):
     path, sock = listener
-    n = Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())})
+    n = SystemdNotifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())})
     assert n.watchdog_interval == 2.0
     assert n.watchdog()
     assert sock.recv(100) == b"WATCHDOG=1"
@@ -74,7 +74,7 @@ def test_from_env_reads_socket_and_watchdog_for_our_pid(listener):
 
 def test_watchdog_pid_of_another_process_sends_no_pings(listener):
     path, sock = listener
-    n = Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"})
+    n = SystemdNotifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"})
     assert not n.watchdog_due()
     assert n.watchdog() is False
     n.ready()  # other messages still go
@@ -87,7 +87,7 @@ def test_abstract_socket_address_is_reached():
     sock.bind(b"\0" + name.encode())
     sock.settimeout(2)
     try:
-        n = Notifier.from_env({"NOTIFY_SOCKET": "@" + name})
+        n = SystemdNotifier.from_env({"NOTIFY_SOCKET": "@" + name})
         assert n.ready()
         assert sock.recv(100) == b"READY=1"
     finally:
@@ -95,7 +95,7 @@ def test_abstract_socket_address_is_reached():
 
 
 def test_unset_notify_socket_is_a_no_op():
-    n = Notifier.from_env({"WATCHDOG_USEC": "1000000"})
+    n = SystemdNotifier.from_env({"WATCHDOG_USEC": "1000000"})
     assert not n.enabled
     assert not n.watchdog_due()
     assert n.ready() is False and n.status("x") is False and n.watchdog() is False and n.stopping() is False
@@ -103,11 +103,11 @@ def test_unset_notify_socket_is_a_no_op():
 
 def test_from_env_defaults_to_the_process_environment(monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    assert not Notifier.from_env().enabled
+    assert not SystemdNotifier.from_env().enabled
 
 
 def test_send_to_a_vanished_socket_never_raises(tmp_path, caplog):
-    n = Notifier(str(tmp_path / "gone.sock"), watchdog_usec=1000)
+    n = SystemdNotifier(str(tmp_path / "gone.sock"), watchdog_usec=1000)
     assert n.ready() is False
     assert n.watchdog() is False
     assert n.status("still fine") is False

@@ -1,4 +1,4 @@
-"""Runner `nanochat`: run the phase scripts of a user's own nanochat checkout.
+"""Trainer `nanochat`: run the phase scripts of a user's own nanochat checkout.
 
 What it does: builds the command line of one attempt (`python -m scripts.base_train`
 etc. from the checkout, through torchrun when nproc_per_node > 1) in the flag style
@@ -6,7 +6,7 @@ the checkout understands, reads nanochat's step lines, classifies how an attempt
 ended, and says which checkpoints are complete (trainer/layout.is_complete, with
 the optimizer files each phase script really writes).
 
-What it does not do: start or watch processes (daemon/runner.py), decide what
+What it does not do: start or watch processes (daemon/launchers/), decide what
 happens next (daemon/supervisor.py), or trust nanochat's own find_last_step, which
 looks at model files only and so happily resumes from a save cut off mid-write.
 
@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.runners import Launch, Outcome, Progress
+from daemon.trainers import GUIDE_ALLOC_ENV, Launch, Outcome, Progress
 from trainer import layout
 
 SCRIPTS = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft"}
@@ -214,8 +214,8 @@ class NanochatLaunch(Launch):
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-class NanochatAdapter:
-    """RunnerAdapter for `runner: nanochat`; one per job (what it says depends on the checkout)."""
+class NanochatTrainer:
+    """TrainerAdapter for `runner: nanochat`; one per job (what it says depends on the checkout)."""
 
     name = "nanochat"
 
@@ -223,9 +223,9 @@ class NanochatAdapter:
         self.settings = settings
         self.spec = spec
 
-    def for_job(self, spec) -> "NanochatAdapter":
+    def for_job(self, spec) -> "NanochatTrainer":
         """This adapter bound to one job: can_resume, optim_ranks and is_complete depend on its checkout."""
-        return NanochatAdapter(self.settings, spec)
+        return NanochatTrainer(self.settings, spec)
 
     # -- where and when -----------------------------------------------------------------
     def checkpoint_dir(self, root: Path, phase: str, model_tag: str) -> Path:
@@ -249,6 +249,9 @@ class NanochatAdapter:
             return self.script(phase).can_resume
         except (NanochatRefused, OSError):
             return False
+
+    def default_env(self, phase: str) -> dict[str, str]:
+        return {**GUIDE_ALLOC_ENV, **({"TORCH_COMPILE_DISABLE": "1"} if phase in ("mid", "sft") else {})}
 
     def optim_ranks(self, phase: str) -> int:
         """How many optim_<step>_rank<r>.pt files a complete checkpoint of this phase has."""
@@ -328,7 +331,7 @@ class NanochatAdapter:
             argv = [str(python), "-m", "torch.distributed.run", "--standalone",
                     f"--nproc_per_node={nproc}", "-m", f"scripts.{SCRIPTS[phase]}"]
         argv += format_flags(flags, style=style, script=script)
-        # (the runner adds the job's and the phase's env over these)
+        # (attempt_env adds the job's and the phase's env over these)
         env = {"PYTHONUNBUFFERED": "1",  # else stdout into a file is block-buffered: no progress for minutes
                "NANOCHAT_BASE_DIR": str(root)}
         return NanochatLaunch(argv=argv, env=env, cwd=repo, notes=tuple(notes))
@@ -368,11 +371,6 @@ class NanochatAdapter:
 
     def classify_exit(self, returncode: int, log_tail: str) -> Outcome:
         return classify_exit(returncode, log_tail)
-
-
-def adapter_for(settings, spec) -> NanochatAdapter:
-    """The adapter of one nanochat job (daemon/attempts.py looks this up by spec.runner)."""
-    return NanochatAdapter(settings, spec)
 
 
 def format_flags(flags: dict, *, style: str, script: Script) -> list[str]:
