@@ -100,6 +100,11 @@ class Attempts:
                                 "stopping it to resume from its checkpoint under this one", attempt=att.n)
             elif rec.state in (S.RUNNING, S.PAUSED):
                 self.queue.back_off(rec, 0, "resuming after a daemon restart", kind="relaunch", attempt=None)
+        # a previous daemon may have died between a save and its prune: unfinished jobs' folders now
+        # (only the phases they have run: a folder not yet theirs may hold another run's checkpoints)
+        for rec in self.queue.ordered():
+            if not rec.finished and rec.attempts:
+                self.prune(rec, sorted({att.phase for att in rec.attempts}))
 
     # ---- launching -------------------------------------------------------------------
     def start_next(self) -> None:
@@ -285,26 +290,31 @@ class Attempts:
         if newest is not None and (a.last_ckpt is None or newest > a.last_ckpt):
             a.last_ckpt, a.last_activity = newest, now
             self.queue.set_checkpoint(a.rec, a.phase, newest, layout.size_of(a.ckpt_dir, newest))
-            self._prune(a)
+            self.prune(a.rec, [a.phase])
 
-    def _prune(self, a: Active) -> None:
-        keep = a.rec.job_spec.retention
-        if self.retention is None or keep.keep_last is None:
+    def prune(self, rec: JobRecord, phases) -> None:
+        """Hold keep_last now in rec's folders of `phases`; retention.prune_job owns what goes.
+
+        Called on a live attempt's new checkpoint, at the end of every attempt
+        (a phase's end included) and at daemon start: checkpoints that came
+        faster than the scan, or an attempt killed right after a save, are
+        pruned before a user can look. Trouble is noted, never raised.
+        """
+        if self.retention is None:
             return
-        protect = {s for s in (a.start_ckpt, a.rec.phase_final_steps.get(a.phase)) if s is not None}
         try:
-            ranks = a.adapter.optim_ranks(a.phase) if hasattr(a.adapter, "optim_ranks") else None
-            res = self.retention.prune_dir(a.ckpt_dir, keep_last=keep.keep_last, keep_every=keep.keep_every,
-                                           protect=protect, optim_ranks=ranks)
+            results = self.retention.prune_job(self.settings.checkpoint_root, self.queue.ordered(), rec.name,
+                                               phases=phases)
         except Exception as e:  # deletion trouble is logged, never fatal
             log.exception("nanod: retention failed")
-            self.queue.note(a.rec, "prune_error", f"retention failed in {a.ckpt_dir}: {e}")
+            self.queue.note(rec, "prune_error", f"retention failed: {e}")
             return
-        if res.deleted_steps:
-            self.queue.note(a.rec, "pruned", f"{a.phase}: deleted checkpoint steps "
-                            f"{', '.join(map(str, res.deleted_steps))} (keep_last {keep.keep_last})")
-        for err in res.errors[:3]:
-            self.queue.note(a.rec, "prune_error", err)
+        for pol, res in results:
+            if res.deleted_steps:
+                self.queue.note(rec, "pruned", f"{pol.phase}: deleted checkpoint steps "
+                                f"{', '.join(map(str, res.deleted_steps))} (keep_last {pol.keep_last})")
+            for err in res.errors[:3]:
+                self.queue.note(rec, "prune_error", err)
 
     def detect_stalls(self) -> None:
         now = time.monotonic()
@@ -394,6 +404,9 @@ class Attempts:
             rec.phase_final_steps[a.phase] = newest
             d = Decision(Action.CANCEL, f"cancelled after {a.phase} completed", "cancelled")
         self._apply(rec, d, newest, att.n)
+        # after the decision, so a completed phase's final step is on record (and protected),
+        # and before any relaunch: the folder holds keep_last whenever a user can look
+        self.prune(rec, [a.phase])
 
     def _apply(self, rec: JobRecord, d: Decision, newest: int | None, n: int) -> None:
         phase = rec.phase

@@ -5,7 +5,7 @@ Each tick runs, in this order:
     take_signals      first SIGTERM/SIGINT: warm stop (SIGTERM to each attempt); second: SIGKILL
     take_requests     cancel/retry files from <home>/requests/
     take_inbox        accept (queue) or reject the job files the inbox found stable
-    reap_attempts     an attempt that exited: outcome -> supervisor decision -> queue
+    reap_attempts     an attempt that exited: outcome -> supervisor decision -> queue, then retention
     read_progress     new log lines (steps, paused:/resumed:), new complete checkpoints, retention
     detect_stalls     no step and no checkpoint for stall_timeout: stop the group (counts as a crash)
     enforce_deadlines SIGKILL a group that outlived its kill_grace

@@ -97,7 +97,11 @@ def phase_flags(spec, phase_index: int) -> dict:
                     flags[key] = prev[key]
             if i == 0:
                 flags.update(_shape_from_tag(spec.resolved_model_tag))
-        flags.update(p.args)
+        args = dict(p.args)
+        if p.phase == "sft" and "max_seq_len" in args:
+            # chat_sft's max_seq_len is sft's max_tokens: one setting (trainer.options.sft_row_length)
+            args.setdefault("max_tokens", args.pop("max_seq_len"))
+        flags.update(args)
         if opts is not None:
             flags = {opts.normalise_flag(k): v for k, v in flags.items()}
         if p.phase == "sft" and flags.get("max_tokens") is None:

@@ -25,6 +25,10 @@ Rules (promise 10):
   model_000200_backup.pt are never touched. Deletion failures are returned and
   logged, never raised.
 
+`prune_job` is the daemon's one entry (attempts.py calls it on a new
+checkpoint, at the end of every attempt and at daemon start); `nanod prune`
+applies the same `dir_policies` by hand.
+
 Safe beside a running save without a lock: a save only ever creates a step
 newer than the newest complete one, which is never deleted.
 """
@@ -253,14 +257,19 @@ def job_dirs(root: Path, record) -> list[tuple[str, Path]]:
         tag = spec.get("model_tag") if isinstance(spec.get("model_tag"), str) else None
     if not tag:
         return []
-    phases = [p.get("phase") for p in spec.get("phases") or [] if isinstance(p, dict)]
-    return [(ph, layout.checkpoint_dir(root, ph, tag)) for ph in phases if ph in layout.PHASE_DIRS]
+    out = []
+    for p in spec.get("phases") or []:
+        if isinstance(p, dict) and p.get("phase") in layout.PHASE_DIRS:
+            # a phase's own model_tag flag moves its folder, as the launch does (attempts.py)
+            own = (p.get("args") or {}).get("model_tag")
+            out.append((p["phase"], layout.checkpoint_dir(root, p["phase"], str(own or tag))))
+    return out
 
 
 def protected_steps(root: Path, records) -> dict[Path, dict[int, str]]:
     """Steps no prune may delete, per directory, over all job records: the final
-    checkpoint of each completed phase, and the current attempt's resumed_from and
-    init_from (init_from is protected in every directory it may come from)."""
+    checkpoint of each completed phase, the live attempt's resumed_from, and the
+    unfinished job's init_from (in every directory it may come from)."""
     out: dict[Path, dict[int, str]] = {}
     for record in records:
         rec = _as_dict(record)
@@ -273,7 +282,8 @@ def protected_steps(root: Path, records) -> dict[Path, dict[int, str]]:
         att = attempts[-1] if attempts and isinstance(attempts[-1], dict) else None
         if att and rec.get("state") not in ("done", "failed", "cancelled"):
             phase = att.get("phase")
-            if isinstance(att.get("resumed_from"), int) and phase in dirs:
+            # only while that attempt lives: the next one resumes from the newest, which is always kept
+            if isinstance(att.get("resumed_from"), int) and phase in dirs and att.get("ended_at") is None:
                 out.setdefault(dirs[phase], {})[att["resumed_from"]] = f"{name} attempt {att.get('n')} resumed from it"
             if isinstance(att.get("init_from"), int):
                 for prev in layout.PREVIOUS_PHASES.get(phase, ()):
@@ -322,4 +332,39 @@ def dir_policies(root: Path, records, only: str | None = None) -> list[DirPolicy
     out = list(policies.values())
     if only is not None:
         out = [p for p in out if only in p.jobs]
+    return out
+
+
+# ---- the daemon's one entry: hold keep_last in one job's folders now -----------------------
+
+def prune_job(root: Path, records, name: str, *, phases: Iterable[str] | None = None,
+              ) -> list[tuple[DirPolicy, PruneResult]]:
+    """Apply retention now to job `name`'s checkpoint folders (only those of `phases` when given).
+
+    The daemon calls this whenever a user could look: a live attempt's new
+    checkpoint, the end of every attempt (a phase's completion included) and,
+    at its start, the folders of unfinished jobs. Policy and protections are
+    dir_policies' over all `records` (the same as `nanod prune`), so a folder
+    shared with another job keeps what that job needs. Folders whose
+    retention keeps everything are skipped. Nothing is raised: a failure is
+    one line in the result's errors.
+    """
+    records = [_as_dict(r) for r in records]
+    wanted = None if phases is None else set(phases)
+    out: list[tuple[DirPolicy, PruneResult]] = []
+    try:
+        policies = dir_policies(root, records, only=name)
+    except Exception as e:  # a record too damaged to read must not stop the daemon
+        log.exception("retention: cannot plan %s", name)
+        return [(DirPolicy(path=Path(root), phase="?", jobs=[name]), PruneResult(errors=[f"{name}: {e}"]))]
+    for pol in policies:
+        if (wanted is not None and pol.phase not in wanted) or pol.keep_all or pol.keep_last is None:
+            continue
+        try:
+            res = prune_dir(pol.path, keep_last=pol.keep_last, keep_every=pol.keep_every,
+                            protect=set(pol.protect), optim_ranks=pol.optim_ranks)
+        except Exception as e:  # e.g. a folder that cannot be listed: logged, never fatal
+            log.exception("retention: failed in %s", pol.path)
+            res = PruneResult(errors=[f"{pol.path}: {e}"])
+        out.append((pol, res))
     return out

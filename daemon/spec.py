@@ -160,6 +160,9 @@ class JobSpec(_Strict):
                     raise ValueError(f"phases.{p.phase}.args.{key} must be an integer, got {v!r}")
                 if key in ("device_batch_size", "max_seq_len", "max_tokens", "depth") and v is not None and v < 1:
                     raise ValueError(f"phases.{p.phase}.args.{key} must be at least 1, got {v}")
+            if p.phase == "sft":
+                from trainer.options import sft_row_length
+                sft_row_length(p.args, prefix="phases.sft.args.")   # one setting under two names
         return self
 
     @property

@@ -85,6 +85,11 @@ def test_plot_command_writes_a_png_and_prints_its_path(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(out_png)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    short = tmp_path / "short.png"   # -o, as DESIGN.md's command line and users write it
+    out = subprocess.run([*NANOD, "--home", str(home), "plot", "tiny", "-o", str(short)], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert short.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = subprocess.run([*NANOD, "--home", str(home), "plot", "nope"], capture_output=True, text=True,
                              env=env, timeout=60)
     assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1

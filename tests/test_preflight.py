@@ -69,6 +69,15 @@ def test_later_phases_inherit_the_shape_of_the_plans_base():
     assert preflight.model_shape(preflight.phase_flags(mid_alone, 0))[0] == 12
 
 
+def test_sfts_max_seq_len_is_its_row_length_as_max_tokens_is():
+    plan = {"model_tag": "d8", "phases": [{"phase": "base", "args": {"depth": 8, "max_seq_len": 1024}},
+                                          {"phase": "sft", "args": {}}]}
+    for args, row in (({"max_seq_len": 256}, 256), ({"max_tokens": 256}, 256), ({}, 1024)):
+        plan["phases"][1]["args"] = args
+        flags = preflight.phase_flags(parse_job(plan, default_name="j"), 1)
+        assert preflight.row_length(flags, "sft") == row, args
+
+
 def test_an_existing_checkpoints_model_config_gives_the_real_shape(settings):
     spec = spec_of()
     d = layout.checkpoint_dir(settings.checkpoint_root, "base", "d8")

@@ -400,3 +400,63 @@ def test_checkpoints_without_jobs_lists_nanochat_dirs(tmp_path):
     write_ckpt(layout.checkpoint_dir(root, "base", "d20"), 100, nanod=False)
     r = nanod(home, root, "checkpoints")
     assert r.returncode == 0 and "base_checkpoints/d20" in r.stdout and "complete" in r.stdout
+
+
+# ---- prune_job: the daemon's one entry ------------------------------------------------------------
+
+def job_record(name="tiny", *, tag="d4", keep_last=2, state=JobState.RUNNING, attempts=(), final=None,
+               mid_tag=None) -> JobRecord:
+    mid = {"phase": "mid", **({"args": {"model_tag": mid_tag}} if mid_tag else {})}
+    spec = parse_job({"model_tag": tag, "retention": {"keep_last": keep_last},
+                      "phases": [{"phase": "base", "args": {"depth": 4}}, mid]}, default_name=name)
+    return JobRecord(name=name, seq=1, spec=spec.model_dump(mode="json"), state=state,
+                     phase_final_steps=final or {}, attempts=list(attempts))
+
+
+def test_prune_job_protects_a_live_attempts_resume_step_but_not_an_ended_ones(tmp_path):
+    base = layout.checkpoint_dir(tmp_path, "base", "d4")
+    for s in (10, 20, 30, 40):
+        write_ckpt(base, s)
+    live = job_record(attempts=[Attempt(n=1, phase="base", resumed_from=10)])
+    retention.prune_job(tmp_path, [live], "tiny")
+    assert layout.list_steps(base) == [10, 30, 40]
+    ended = job_record(attempts=[Attempt(n=1, phase="base", resumed_from=10, ended_at=time.time())])
+    [(pol, res)] = retention.prune_job(tmp_path, [ended], "tiny", phases=["base"])
+    assert res.deleted_steps == [10] and layout.list_steps(base) == [30, 40] and pol.keep_last == 2
+
+
+def test_prune_job_touches_only_the_phases_asked_and_keeps_what_another_job_needs(tmp_path):
+    base, mid = layout.checkpoint_dir(tmp_path, "base", "d4"), layout.checkpoint_dir(tmp_path, "mid", "d4")
+    for s in (10, 20, 30, 40):
+        write_ckpt(base, s)
+        write_ckpt(mid, s)
+    other = job_record("other", final={"base": 10})      # finished with base's final at 10, same folder
+    retention.prune_job(tmp_path, [job_record(), other], "tiny", phases=["base"])
+    assert layout.list_steps(base) == [10, 30, 40]
+    assert layout.list_steps(mid) == [10, 20, 30, 40], "a phase not asked for is left alone"
+
+
+def test_prune_job_follows_a_phases_own_model_tag(tmp_path):
+    mid = layout.checkpoint_dir(tmp_path, "mid", "m2")
+    for s in (10, 20, 30):
+        write_ckpt(mid, s)
+    [(pol, _)] = retention.prune_job(tmp_path, [job_record(mid_tag="m2")], "tiny", phases=["mid"])
+    assert pol.path == mid and layout.list_steps(mid) == [20, 30]
+
+
+def test_prune_job_with_keep_last_unset_deletes_nothing(tmp_path):
+    base = layout.checkpoint_dir(tmp_path, "base", "d4")
+    for s in (10, 20, 30):
+        write_ckpt(base, s)
+    rec = job_record()
+    rec.spec["retention"]["keep_last"] = None
+    assert retention.prune_job(tmp_path, [rec], "tiny") == []
+    assert layout.list_steps(base) == [10, 20, 30]
+
+
+def test_prune_job_reports_a_folder_it_cannot_list_as_an_error_line_never_raises(tmp_path):
+    base = layout.checkpoint_dir(tmp_path, "base", "d4")
+    base.parent.mkdir(parents=True)
+    base.symlink_to(base)   # a symlink loop: listing it fails with ELOOP, even for root
+    [(_, res)] = retention.prune_job(tmp_path, [job_record()], "tiny", phases=["base"])
+    assert res.errors and str(base) in res.errors[0] and res.deleted_steps == []

@@ -158,10 +158,17 @@ def test_resume_from_step_is_nanods_to_set():
     (ONE + "nanochat: {repo: /x}\n", "needs runner: nanochat"),
     (ONE + "retention: {keep_last: 1}\n", "retention.keep_last"),
     ("phases: [{phase: base, args: {device_batch_size: 0}}]\n", "device_batch_size must be at least 1"),
+    ("phases: [{phase: sft, args: {max_seq_len: 64, max_tokens: 128}}]\n",
+     "phases.sft.args.max_tokens=128 and phases.sft.args.max_seq_len=64 both set sft's row length"),
     (ONE + "env: {1BAD: x}\n", "environment variable name '1BAD'"),
 ])
 def test_impossible_plans_are_refused(text, words):
     assert words in reason(text)
+
+
+def test_sft_may_give_its_row_length_under_both_names_when_they_agree():
+    spec = parse("phases: [{phase: sft, args: {max_seq_len: 64, max-tokens: 64}}]\n")
+    assert spec.phases[0].args == {"max_seq_len": 64, "max_tokens": 64}
 
 
 def test_model_tag_defaults_to_the_depth():

@@ -57,6 +57,20 @@ def test_dash_and_underscore_and_separate_values_mean_the_same():
     assert parse_args(["sft", "--model_step=7"])[1].init_step == "7"  # nanochat's name for the init step
 
 
+def test_sft_takes_max_seq_len_as_its_max_tokens_one_setting_under_two_names():
+    # nanochat's chat_sft names the row length max_seq_len; the guide names it max_tokens
+    for argv in (["--max_seq_len=64"], ["--max-seq-len", "64"], ["--max_tokens=64"],
+                 ["--max_seq_len=64", "--max_tokens=64"]):
+        _, opts, given = parse_args(["sft", *argv])
+        assert opts.max_tokens == 64 and given == {"max_tokens": 64}, argv
+    assert "max_seq_len" in known_flags("sft")
+
+
+def test_sft_given_both_row_length_names_with_different_values_is_one_line_bad_args():
+    r = run_trainer("sft", "--max_seq_len=64", "--max_tokens=128")
+    assert_one_line_bad_args(r, "--max_tokens=128 and --max_seq_len=64", "give one")
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["base", "--no_such_flag=1"], "unknown flag --no_such_flag"),
     (["base", "--depth=eight"], "--depth must be an integer"),

@@ -218,6 +218,16 @@ def test_a_resume_with_another_sequence_length_is_refused_naming_both(ref):
     assert "max_seq_len is 64 now but 32 in the checkpoint" in err.splitlines()[-1]
 
 
+def test_sft_with_nanochats_max_seq_len_pads_rows_to_it_as_max_tokens(ref):
+    root, _ = ref
+    shutil.copytree(ckpt(root, "ref"), ckpt(root, "sftlen"))
+    run = Run(root, "sft", "--max_seq_len=16", "--device_batch_size=2", "--total_batch_size=64",
+              "--num_iterations=2", tag="sftlen")
+    assert run.wait() == exitcodes.OK, run.err()
+    meta = layout.read_meta(ckpt(root, "sftlen", "sft"), 2)
+    assert meta["max_tokens"] == 16 and meta["grad_accum_steps"] == 2  # 64 tokens = 2 rows x 16 x 2
+
+
 def test_disk_guard_pauses_before_a_save_and_sigterm_exits_without_saving(ref):
     root, _ = ref
     env = {"NANOD_DISK_RESERVE": str(10**18), "NANOD_DISK_POLL": "0.1"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 
-from trainer.options import PHASES, Options, fields_of, known_flags, normalise_flag
+from trainer.options import PHASES, Options, fields_of, known_flags, normalise_flag, sft_row_length
 
 
 class BadArgs(Exception):
@@ -55,6 +55,14 @@ def parse_args(argv: list[str]) -> tuple[str, Options, dict]:
             raise BadArgs(f"flag --{name} is given twice")
         given[key] = _convert(name, kind, value)
         i += 1
+    if phase == "sft":
+        # one setting under two names: kept as max_tokens, which the plan, the meta and resume use
+        try:
+            row = sft_row_length(given, prefix="--")
+        except ValueError as e:
+            raise BadArgs(str(e)) from None
+        if given.pop("max_seq_len", None) is not None:
+            given["max_tokens"] = row
     opts = Options(**given)
     check_values(phase, opts)
     return phase, opts, given

@@ -50,8 +50,10 @@ class Options:
     vocab_size: int = _f(65536, BASE, "vocabulary size when training a new tokenizer (BPE stops earlier on small data); "
                          "an existing NANOCHAT_BASE_DIR/tokenizer is reused as is")
     # ---- batch and length
-    max_seq_len: int | None = _f(None, BASE_MID, "tokens per row; base default 2048, mid default: the base checkpoint's")
-    max_tokens: int | None = _f(None, SFT, "sft: every row is padded/truncated to this many tokens; default the model's max_seq_len")
+    max_seq_len: int | None = _f(None, ALL, "tokens per row; base default 2048, mid default: the base checkpoint's; "
+                                 "sft: the same setting as max_tokens (chat_sft's name)")
+    max_tokens: int | None = _f(None, SFT, "sft: every row is padded/truncated to this many tokens; default the model's "
+                                "max_seq_len. max_seq_len is accepted for it too (nanochat's chat_sft name)")
     device_batch_size: int | None = _f(None, ALL, "rows per forward/backward; base 32, mid: the base checkpoint's, sft 4. "
                                        "Changes memory, not the optimisation")
     total_batch_size: int | None = _f(None, ALL, "tokens per optimizer step; base 524288, mid: the base checkpoint's, "
@@ -135,6 +137,17 @@ def normalise_flag(name: str) -> str:
     """--a-b and --a_b are the same flag; aliases map to their field."""
     name = name.replace("-", "_")
     return ALIASES.get(name, name)
+
+
+def sft_row_length(args: dict, *, prefix: str = "") -> int | None:
+    """sft's row length from flags in underscore spelling: max_tokens (the guide's name) or
+    max_seq_len (nanochat's chat_sft since 2026) are one setting; None when neither is given.
+    Both with different values is a ValueError naming them (each name after `prefix`)."""
+    tokens, seq = args.get("max_tokens"), args.get("max_seq_len")
+    if tokens is not None and seq is not None and tokens != seq:
+        raise ValueError(f"{prefix}max_tokens={tokens} and {prefix}max_seq_len={seq} both set sft's row length: "
+                         "give one")
+    return tokens if tokens is not None else seq
 
 
 def phase_defaults(phase: str) -> dict:

@@ -1,4 +1,4 @@
-"""`nanod plot NAME [--out PATH]`: one PNG of a job's loss, VRAM and disk.
+"""`nanod plot NAME [-o|--out PATH]`: one PNG of a job's loss, VRAM and disk.
 
 Top: loss per step across every attempt, read from the attempt logs' step
 lines (phases laid end to end, each attempt its own line so a resume that
@@ -21,7 +21,7 @@ BAD_ENDINGS = {"crashed", "stalled", "interrupted", "failed_to_start", "bad_args
 
 def add_arguments(parser) -> None:
     parser.add_argument("name", metavar="NAME", help="the job")
-    parser.add_argument("--out", metavar="PATH", help="where to write the PNG (default <home>/plots/NAME.png)")
+    parser.add_argument("-o", "--out", metavar="PATH", help="where to write the PNG (default <home>/plots/NAME.png)")
 
 
 def run(args, settings) -> int:
