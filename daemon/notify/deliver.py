@@ -6,8 +6,9 @@ deadline, which a thread stuck in a plugin cannot. `send_urls` runs
 `python -m daemon.notify.deliver`, writes the request as JSON on its stdin and reads one JSON
 line per URL back; each URL is sent in its own thread there with apprise's connect and read
 timeouts set to the send timeout, and the whole process is killed when it outlives that by
-SPAWN_ALLOWANCE. The operator's command (`run_command`) is an argv list, never a shell, in its
-own process group, killed at the timeout.
+SPAWN_ALLOWANCE; one whose daemon died while it started sends nothing (the next daemon sends
+the message again). The operator's command (`run_command`) is an argv list, never a shell, in
+its own process group, killed at the timeout.
 
 This module sends and reports; it does not retry, schedule or record anything (notifier.py
 does). `check_urls` is what apprise thinks of URLs without sending: for `nanod submit`,
@@ -59,7 +60,8 @@ def send_urls(urls: list[str], *, title: str, body: str, notify_type: str = "inf
     """Send one message to each URL (in parallel, in one subprocess); one Result per URL, in order."""
     if not urls:
         return []
-    request = {"mode": "send", "urls": urls, "title": title, "body": body, "type": notify_type, "timeout": timeout}
+    request = {"mode": "send", "urls": urls, "title": title, "body": body, "type": notify_type, "timeout": timeout,
+               "parent": os.getpid()}
     return _run_child(request, urls, timeout + SPAWN_ALLOWANCE, python)
 
 
@@ -187,6 +189,10 @@ def check_urls(urls: list[str]) -> list[str | None]:
 
 def _send_in_child(req: dict, emit) -> None:
     apprise, asset, handler = _apprise()
+    if req.get("parent") and os.getppid() != req["parent"]:
+        # the daemon died while this process loaded apprise: it cannot mark a delivery any more and
+        # the next daemon sends the message again, so sending it now would only make it twice
+        return
     timeout = float(req.get("timeout", 10.0))
     notify_type = {"success": apprise.NotifyType.SUCCESS, "failure": apprise.NotifyType.FAILURE,
                    "warning": apprise.NotifyType.WARNING}.get(req.get("type"), apprise.NotifyType.INFO)
