@@ -357,6 +357,8 @@ def test_job_urls_follow_the_jobs_on_and_operator_targets_follow_notify_on(nanod
         assert mine.titles() == ["j: stalled, restarting · base"]
         assert ops.titles() == ["j: done · base step 4/4"]
         assert out.read_text() == "done j 4\n"
+        [entry] = [e for e in notifiers[-1].outbox.entries.values() if e.event == "done"]
+        assert entry.env["NANOD_MESSAGE"] == entry.title and entry.env["NANOD_DETAILS"] == entry.body
     finally:
         mine.close()
         ops.close()
@@ -383,6 +385,17 @@ def test_the_outbox_is_bounded_even_when_no_target_answers(nanod_home, notifiers
     assert len(files) == len(n.outbox.entries) == 12
     assert sorted(files)[0].endswith("-j8-done.json"), "the oldest go first"
     assert len([e for e in global_events(s, "notify_failed") if "the outbox is full" in e["message"]]) == 8
+
+
+def test_an_unusable_outbox_costs_notifications_never_a_jobs_state(nanod_home, notifiers, caplog):
+    s, queue = make_queue(nanod_home, notify_urls=[f"json://127.0.0.1:{closed_port()}/"])
+    (s.state_dir / "notify").write_text("not a directory")
+    started(notifiers, s, queue)
+    rec = queue.add(job("j"))
+    run_to_end(queue, rec)
+    assert q.load_job(s, "j").state == S.DONE
+    assert "cannot use the notification outbox" in global_events(s, "notify_failed")[0]["message"]
+    assert "cannot queue a notification for j" in caplog.text
 
 
 # ---- nanod notify --test ---------------------------------------------------------------------------

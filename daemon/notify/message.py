@@ -43,9 +43,11 @@ def job_message(rec, ev: dict, event: str, *, held_back: int = 0, now: float | N
         lines.append(f"({held_back} earlier notification{'s' if held_back > 1 else ''} for this job held back by "
                      "the rate limit)")
     lines.append(_origin(now))
-    return Message(title, "\n".join(ln for ln in lines if ln), NOTIFY_TYPES.get(event, "info"),
+    body = "\n".join(ln for ln in lines if ln)
+    return Message(title, body, NOTIFY_TYPES.get(event, "info"),
                    env={"NANOD_EVENT": event, "NANOD_JOB": rec.name, "NANOD_PHASE": phase or "",
-                        "NANOD_STEP": "" if step is None else str(step), "NANOD_MESSAGE": title})
+                        "NANOD_STEP": "" if step is None else str(step), "NANOD_MESSAGE": title,
+                        "NANOD_DETAILS": body})
 
 
 def daemon_message(event: str, text: str, *, now: float | None = None) -> Message:
@@ -53,9 +55,10 @@ def daemon_message(event: str, text: str, *, now: float | None = None) -> Messag
     now = time.time() if now is None else now
     head = {"disk_low": "disk low", "test": "test notification"}.get(event, event.replace("_", " "))
     title = _cut(f"nanod: {head}: {text}" if event != "test" else f"nanod: {head} from {socket.gethostname()}")
-    return Message(title, f"{text}\n{_origin(now)}", NOTIFY_TYPES.get(event, "info"),
+    body = f"{text}\n{_origin(now)}"
+    return Message(title, body, NOTIFY_TYPES.get(event, "info"),
                    env={"NANOD_EVENT": event, "NANOD_JOB": "", "NANOD_PHASE": "", "NANOD_STEP": "",
-                        "NANOD_MESSAGE": title})
+                        "NANOD_MESSAGE": title, "NANOD_DETAILS": body})
 
 
 def status_line(j: dict) -> str:

@@ -61,7 +61,11 @@ class Notifier:
 
     def start(self) -> None:
         """Load the outbox (what a previous daemon did not deliver is due now) and start sending."""
-        self.outbox.load()
+        try:
+            self.outbox.load()
+        except OSError as e:  # the daemon runs on without notifications rather than not at all
+            log.error("notify: cannot use the outbox %s: %s", self.outbox.dir, e)
+            self._record("notify_failed", f"cannot use the notification outbox {self.outbox.dir}: {e}", None)
         now = time.time()
         for e in self.outbox.pending():
             for t in e.targets:
@@ -102,16 +106,14 @@ class Notifier:
         if not targets or not self._admit(rec.name, event):
             return None
         held = self._held.pop(rec.name, 0)
-        dedupe = f"{rec.name}|{rec.submitted_at}|{event}|{ev['attempt']}" \
-            if event in END_EVENTS and ev.get("attempt") is not None else None
-        return self._add(event, rec.name, job_message(rec, ev, event, held_back=held), targets, dedupe)
+        return self._add(event, rec.name, job_message(rec, ev, event, held_back=held), targets)
 
     def health_warning(self, text: str) -> None:
         """A health warning (health.py's thread): a disk one is disk_low for the operator's targets."""
         try:
             if text.startswith("disk ") and self.targets("disk_low") and self._admit(None, "disk_low"):
                 self._held.pop(None, None)
-                self._add("disk_low", None, daemon_message("disk_low", text), self.targets("disk_low"), None)
+                self._add("disk_low", None, daemon_message("disk_low", text), self.targets("disk_low"))
         except Exception:
             log.exception("notify: cannot queue a health notification")
 
@@ -135,14 +137,13 @@ class Notifier:
                          f"{RATE_WINDOW / 3600:g}h; holding back the next ones (a job's end still goes out)", job)
         return False
 
-    def _add(self, event: str, job: str | None, msg: Message, targets: list[Target], dedupe: str | None):
+    def _add(self, event: str, job: str | None, msg: Message, targets: list[Target]) -> Entry:
         now = time.time()
         for t in targets:
             t.next_at = now
         entry = Entry(id=new_id(event, job), created_at=now, event=event, job=job, title=msg.title, body=msg.body,
-                      notify_type=msg.notify_type, env=msg.env, dedupe=dedupe, targets=targets)
-        if not self.outbox.add(entry):
-            return None
+                      notify_type=msg.notify_type, env=msg.env, targets=targets)
+        self.outbox.add(entry)
         for dropped in self.outbox.prune(now):
             self._record("notify_failed", f"{dropped.event} notification dropped: the outbox is full", dropped.job)
         with self.cond:
@@ -173,14 +174,14 @@ class Notifier:
                 for entry, targets in self.outbox.due(time.time()):
                     if self._stop_at is not None and time.monotonic() > self._stop_at:
                         return
-                    self.deliver(entry, targets)
+                    self.send_entry(entry, targets)
                 for job, urls in checks:   # after what is due: a check must not delay a message
                     self._check(job, urls)
             except Exception:  # the thread must outlive any one bad entry
                 log.exception("notify: sender error")
                 time.sleep(1.0)
 
-    def deliver(self, entry: Entry, targets: list[Target]) -> None:
+    def send_entry(self, entry: Entry, targets: list[Target]) -> None:
         """One try of `targets` of `entry`; marks, retries and events follow from the results."""
         s = self.settings
         urls = [t for t in targets if t.url]

@@ -60,7 +60,6 @@ class Entry:
     body: str
     notify_type: str = "info"    # apprise's: info, success, warning, failure
     env: dict = field(default_factory=dict)      # NANOD_EVENT ... for the command
-    dedupe: str | None = None    # the same end of the same attempt is one notification
     targets: list[Target] = field(default_factory=list)
 
     @property
@@ -107,15 +106,12 @@ class Outbox:
                     continue
                 self.entries[entry.id] = entry
 
-    def add(self, entry: Entry) -> bool:
-        """Write a new entry; False when one with the same dedupe key exists already. The caller prunes."""
+    def add(self, entry: Entry) -> None:
+        """Write a new entry (the caller prunes)."""
         with self.lock:
-            if entry.dedupe and any(e.dedupe == entry.dedupe for e in self.entries.values()):
-                return False
             self._ensure_dir()
             self.entries[entry.id] = entry
             self.save(entry)
-            return True
 
     def save(self, entry: Entry) -> None:
         with self.lock:
