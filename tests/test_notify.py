@@ -2,16 +2,15 @@
 
 Real things only: a real HTTP server on 127.0.0.1 as apprise's json:// target, a real command,
 a real closed port, a real Queue in a temporary home and apprise's real sender subprocess.
-The end-to-end claims with a real daemon (kill -9, a loop that is never blocked) are in
+The notifier's outbox, retries and rate limit are in tests/test_notify_outbox.py, the
+end-to-end claims with a real daemon (kill -9, a loop that is never blocked) in
 tests/test_notify_e2e.py.
 """
 from __future__ import annotations
 
 import http.server
 import json
-import os
 import socket
-import stat
 import subprocess
 import threading
 import time
@@ -22,8 +21,7 @@ from daemon import queue as q
 from daemon.config import ensure_dirs, load_settings
 from daemon.notify import deliver
 from daemon.notify.events import EVENTS, event_for, mask_url
-from daemon.notify.notifier import RATE_MAX, Notifier, retry_delay
-from daemon.notify.outbox import DELIVERED, PENDING
+from daemon.notify.notifier import Notifier
 from daemon.queue import JobState, Queue
 from daemon.spec import JobFileError, load_job_file, parse_job, parse_job_bytes
 from tests.conftest import PYTHON, ROOT, wait_until
@@ -219,6 +217,36 @@ def test_a_message_is_one_short_line_with_job_phase_step_and_what_then_reason_an
     assert origin.startswith(f"nanod on {socket.gethostname()}") and m["type"] == "success"
 
 
+def test_each_event_says_what_happened_in_its_title(nanod_home):
+    from daemon.notify.message import job_message
+    s, queue = make_queue(nanod_home)
+    rec = queue.add(job("j"))
+    queue.begin_attempt(rec, q.Attempt(n=1, phase="base", device_batch_size=8))
+    queue.transition(rec, S.RUNNING, "attempt 1", kind="started", attempt=1)
+    queue.set_progress(rec, "base", _Step(120, 400), save=False)
+    rec.device_batch_size["base"] = 4
+
+    def title(event, kind="x"):
+        return job_message(rec, {"kind": kind, "message": "why", "attempt": 1}, event).title
+
+    assert title("oom_backoff") == "j: out of memory, batch 8 -> 4 · base step 120/400"
+    assert title("stalled") == "j: stalled, restarting · base step 120/400"
+    assert title("daemon_restart") == "j: resumed after a daemon restart · base step 120/400"
+    assert title("gave_up") == "j: GAVE UP · base step 120/400" and title("failed").startswith("j: FAILED")
+    queue.transition(rec, S.PAUSED, "paused: waiting for disk space before saving step 120", kind="paused")
+    assert title("disk_low") == "j: paused for disk space · base step 120/400"
+
+
+def test_urls_apprise_refuses_are_events_once_the_daemon_has_them(nanod_home, notifiers):
+    s, queue = make_queue(nanod_home, notify_urls=["tgram://operator-typo"])
+    started(notifiers, s, queue)
+    queue.add(job("j", {"urls": ["ntfy://fine", "tgram://job-typo"]}))   # dropped straight into the inbox
+    wait_until(lambda: len(global_events(s, "notify_failed")) == 2, 60, message="both refusals")
+    said = {e.get("job"): e["message"] for e in global_events(s, "notify_failed")}
+    assert said[None].startswith("notify_urls URL 1: apprise cannot use tgram://ope...")
+    assert said["j"].startswith("job j's notify.urls URL 2: apprise cannot use tgram://job...")
+
+
 # ---- delivery ---------------------------------------------------------------------------------------
 def test_each_url_gets_its_own_result_live_dead_and_refused(endpoint):
     dead = f"json://127.0.0.1:{closed_port()}/"
@@ -266,136 +294,6 @@ def test_sending_never_loads_apprise_into_the_calling_process(endpoint):
             "print(rs[0].ok, 'apprise' in sys.modules)")
     out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60).stdout
     assert out.split() == ["True", "False"]
-
-
-# ---- the notifier: outbox, retries, rate limit ---------------------------------------------------
-def test_a_jobs_end_is_in_the_outbox_before_its_record_is_saved(nanod_home, notifiers):
-    s, queue = make_queue(nanod_home, notify_urls=[f"json://127.0.0.1:{closed_port()}/"])
-    started(notifiers, s, queue)
-    seen = []
-    queue.observers.append(lambda rec, ev: seen.append(
-        (ev["kind"], [n for n in os.listdir(s.state_dir / "notify") if n.endswith("-done.json")],
-         q.load_job(s, rec.name).state)))
-    run_to_end(queue, queue.add(job("j")))
-    kind, files, on_disk = seen[-1]
-    assert kind == "done" and len(files) == 1 and on_disk == S.RUNNING, \
-        "a kill -9 between the two writes leaves the message to send, not a done job without one"
-    assert stat.S_IMODE(os.stat(s.state_dir / "notify").st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(s.state_dir / "notify" / files[0]).st_mode) == 0o600
-
-
-def test_a_dead_endpoint_is_retried_with_back_off_and_its_failure_is_an_event(nanod_home, notifiers):
-    port = closed_port()
-    s, queue = make_queue(nanod_home, notify_urls=[f"json://127.0.0.1:{port}/"], notify_timeout=2)
-    n = started(notifiers, s, queue)
-    run_to_end(queue, queue.add(job("j")))
-    [entry] = n.outbox.entries.values()
-    wait_until(lambda: entry.targets[0].tries == 1, 30, message="the first try")
-    t = entry.targets[0]
-    assert t.state == PENDING and t.next_at - time.time() == pytest.approx(retry_delay(1), abs=1.5)
-    [failed] = global_events(s, "notify_failed")
-    assert failed["job"] == "j" and "retrying with back-off" in failed["message"]
-    up = Endpoint(port=port)   # the endpoint comes back: the retry gets through
-    try:
-        wait_until(lambda: up.got, retry_delay(1) + 20, message="the retry")
-        on_disk = s.state_dir / "notify" / f"{entry.id}.json"
-        wait_until(lambda: json.loads(on_disk.read_text())["targets"][0]["state"] == DELIVERED, 10,
-                   message="the delivered mark on disk")
-        assert "after 2 tries" in global_events(s, "notify_sent")[0]["message"]
-    finally:
-        up.close()
-    assert [retry_delay(k) for k in (1, 2, 3)] == [5.0, 10.0, 20.0] and retry_delay(30) == 900.0
-
-
-def test_what_was_not_delivered_is_sent_by_the_next_notifier_at_its_start(nanod_home, notifiers):
-    port = closed_port()
-    s, queue = make_queue(nanod_home, notify_urls=[f"json://127.0.0.1:{port}/"], notify_timeout=2)
-    first = started(notifiers, s, queue)
-    run_to_end(queue, queue.add(job("j")))
-    wait_until(lambda: global_events(s, "notify_failed"), 30)
-    first.stop(flush=0)
-    up = Endpoint(port=port)
-    try:
-        t0 = time.monotonic()
-        started(notifiers, s, Queue(s))
-        wait_until(lambda: up.got, 20, message="the pending done at the next start")
-        assert time.monotonic() - t0 < retry_delay(1) + 10 and up.titles() == ["j: done · base step 4/4"]
-    finally:
-        up.close()
-
-
-def test_a_crash_loop_is_rate_limited_but_the_jobs_end_always_goes_out(nanod_home, endpoint, notifiers):
-    s, queue = make_queue(nanod_home, notify_urls=[endpoint.url])
-    started(notifiers, s, queue)
-    rec = queue.add(job("loop"))
-    for n in range(1, 31):
-        queue.transition(rec, S.RUNNING, f"attempt {n}", kind="started", attempt=n)
-        queue.back_off(rec, 0, f"base stalled; relaunching (restart {n})", kind="stalled", attempt=n)
-    queue.transition(rec, S.FAILED, "base stalled 31 times in a row without a new checkpoint; giving up",
-                     kind="gave_up", attempt=31)
-    wait_until(lambda: any("GAVE UP" in t for t in endpoint.titles()), 60, message="the gave_up notification")
-    titles = endpoint.titles()
-    assert sum("stalled" in t for t in titles) == RATE_MAX and len(titles) == RATE_MAX + 1
-    assert "25 earlier notifications for this job held back" in endpoint.got[-1][1]["message"]
-    assert len(global_events(s, "notify_held")) == 1
-
-
-def test_job_urls_follow_the_jobs_on_and_operator_targets_follow_notify_on(nanod_home, tmp_path, notifiers):
-    mine, ops = Endpoint(), Endpoint()
-    out = tmp_path / "events.txt"
-    try:
-        s, queue = make_queue(nanod_home, notify_urls=[ops.url], notify_on=["done"],
-                              notify_command=["/bin/sh", "-c", f'echo "$NANOD_EVENT $NANOD_JOB $NANOD_STEP" >> {out}'])
-        started(notifiers, s, queue)
-        rec = queue.add(job("j", {"urls": [mine.url], "on": ["stalled"]}))
-        queue.transition(rec, S.RUNNING, "attempt 1", kind="started", attempt=1)
-        queue.back_off(rec, 0, "base stalled", kind="stalled", attempt=1)
-        queue.transition(rec, S.RUNNING, "attempt 2", kind="started", attempt=2)
-        queue.set_progress(rec, "base", _Step(4, 4), save=False)
-        queue.transition(rec, S.DONE, "all phases completed", kind="done", attempt=2)
-        wait_until(lambda: mine.got and ops.got and out.exists(), 60)
-        assert mine.titles() == ["j: stalled, restarting · base"]
-        assert ops.titles() == ["j: done · base step 4/4"]
-        assert out.read_text() == "done j 4\n"
-        [entry] = [e for e in notifiers[-1].outbox.entries.values() if e.event == "done"]
-        assert entry.env["NANOD_MESSAGE"] == entry.title and entry.env["NANOD_DETAILS"] == entry.body
-    finally:
-        mine.close()
-        ops.close()
-
-
-def test_a_low_disk_health_warning_goes_to_the_operators_targets(nanod_home, endpoint, notifiers):
-    s, queue = make_queue(nanod_home, notify_urls=[endpoint.url])
-    n = started(notifiers, s, queue)
-    n.health_warning("GPU 0 VRAM 95% used (7.6GB of 8GB), above 90%")   # not in notify_on's words
-    n.health_warning("disk 1.2GB free on /data (checkpoints), below 5GB")
-    wait_until(lambda: endpoint.got, 30)
-    time.sleep(0.5)
-    assert endpoint.titles() == ["nanod: disk low: disk 1.2GB free on /data (checkpoints), below 5GB"]
-
-
-def test_the_outbox_is_bounded_even_when_no_target_answers(nanod_home, notifiers, monkeypatch):
-    from daemon.notify import outbox
-    monkeypatch.setattr(outbox, "MAX_ENTRIES", 12)
-    s, queue = make_queue(nanod_home, notify_urls=[f"json://127.0.0.1:{closed_port()}/"], notify_timeout=1)
-    n = started(notifiers, s, queue)
-    for i in range(20):
-        run_to_end(queue, queue.add(job(f"j{i}")))
-    files = [f for f in os.listdir(s.state_dir / "notify") if f.endswith(".json")]
-    assert len(files) == len(n.outbox.entries) == 12
-    assert sorted(files)[0].endswith("-j8-done.json"), "the oldest go first"
-    assert len([e for e in global_events(s, "notify_failed") if "the outbox is full" in e["message"]]) == 8
-
-
-def test_an_unusable_outbox_costs_notifications_never_a_jobs_state(nanod_home, notifiers, caplog):
-    s, queue = make_queue(nanod_home, notify_urls=[f"json://127.0.0.1:{closed_port()}/"])
-    (s.state_dir / "notify").write_text("not a directory")
-    started(notifiers, s, queue)
-    rec = queue.add(job("j"))
-    run_to_end(queue, rec)
-    assert q.load_job(s, "j").state == S.DONE
-    assert "cannot use the notification outbox" in global_events(s, "notify_failed")[0]["message"]
-    assert "cannot queue a notification for j" in caplog.text
 
 
 # ---- nanod notify --test ---------------------------------------------------------------------------
