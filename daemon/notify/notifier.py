@@ -77,7 +77,7 @@ class Notifier:
         self._thread.start()
 
     def stop(self, flush: float | None = None) -> None:
-        """Deliver what is due now for at most `flush` seconds (default: one send's timeout), then stop."""
+        """Deliver what is due now for at most `flush` seconds (default: about one send's timeout), then stop."""
         flush = self.settings.notify_timeout + 2.0 if flush is None else flush
         with self.cond:
             self._stop_at = time.monotonic() + flush
@@ -133,7 +133,7 @@ class Notifier:
             return True
         self._held[job] += 1
         if self._held[job] == 1:
-            self._record("notify_held", f"rate limit: more than {RATE_MAX} notifications within "
+            self._record("notify_held", f"rate limit: {RATE_MAX} notifications within the last "
                          f"{RATE_WINDOW / 3600:g}h; holding back the next ones (a job's end still goes out)", job)
         return False
 
