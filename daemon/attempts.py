@@ -136,7 +136,7 @@ class Attempts:
         if self.preflight is not None and hasattr(self.preflight, "disk_shortfall"):
             short = self.preflight.disk_shortfall(self.settings, spec, i)
             if short:
-                return self._wait(rec, short)
+                return self._wait(rec, short, kind="disk_low")
         if not self._preflight(rec, dbs):
             return
         launcher = launcher_for(self.settings, spec)
@@ -252,8 +252,8 @@ class Attempts:
             return False
         return True
 
-    def _wait(self, rec: JobRecord, reason: str) -> None:
-        self.queue.transition(rec, S.WAITING, reason, kind="waiting" if rec.state != S.WAITING else None)
+    def _wait(self, rec: JobRecord, reason: str, kind: str = "waiting") -> None:
+        self.queue.transition(rec, S.WAITING, reason, kind=kind if rec.state != S.WAITING else None)
 
     # ---- watching --------------------------------------------------------------------
     def read_progress(self) -> None:

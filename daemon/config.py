@@ -11,13 +11,47 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
 
+from daemon.notify.events import DEFAULT_ON, MAX_URLS, check_events, check_url_syntax
 from daemon.paths import DerivedPaths, config_path, default_home, default_lock_dir
 from daemon.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _list_from_text(v: object) -> object:
+    """NANOD_NOTIFY_URLS / NANOD_NOTIFY_ON from the environment: a JSON list, or words split on commas and spaces."""
+    if isinstance(v, str):
+        import json
+        text = v.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError:
+                raise ValueError("is not a valid JSON list") from None
+        return [w for w in text.replace(",", " ").split() if w]
+    return v
+
+
+def _argv_from_text(v: object) -> object:
+    """NANOD_NOTIFY_COMMAND: a JSON list only; splitting a string would be a shell's job, and there is none."""
+    if isinstance(v, str):
+        import json
+        try:
+            v = json.loads(v) if v.strip().startswith("[") else v
+        except ValueError:
+            raise ValueError("is not a valid JSON list") from None
+        if isinstance(v, str):
+            raise ValueError('must be a list (an argv, e.g. ["/usr/bin/notify-send", "nanod"]); '
+                             "it never goes through a shell")
+    return v
+
+
+TextList = Annotated[list[str], NoDecode, BeforeValidator(_list_from_text)]
+Argv = Annotated[list[str], NoDecode, BeforeValidator(_argv_from_text)]
 
 
 class Settings(DerivedPaths, BaseSettings):
@@ -43,6 +77,29 @@ class Settings(DerivedPaths, BaseSettings):
     python: str | None = None                # interpreter for the built-in trainer; default: this one
     allow_job_commands: bool = False         # may job files name their own interpreter/checkout (runner: nanochat)?
     nanochat_repos: list[Path] = Field(default_factory=list)  # checkouts job files may use without allow_job_commands
+    notify_urls: TextList = Field(default_factory=list, max_length=MAX_URLS)  # apprise URLs for every job's events
+    notify_command: Argv = Field(default_factory=list)  # argv run on each event (NANOD_EVENT, ...); never a shell
+    notify_on: TextList = Field(default_factory=lambda: list(DEFAULT_ON))  # which events go to the two above
+    notify_timeout: Duration = Field(10.0, gt=0, le=300)  # one send (a URL, the command); a slow target is retried
+
+    @field_validator("notify_urls", mode="after")
+    @classmethod
+    def _notify_urls(cls, v: list[str]) -> list[str]:
+        return [check_url_syntax(u, f"URL {i + 1}") for i, u in enumerate(v)]
+
+    @field_validator("notify_command", mode="after")
+    @classmethod
+    def _notify_argv(cls, v: list[str]) -> list[str]:
+        if v and not v[0].strip():
+            raise ValueError("the program (its first item) must not be empty")
+        if any("\0" in a for a in v):
+            raise ValueError("an argument holds a NUL character")
+        return v
+
+    @field_validator("notify_on", mode="after")
+    @classmethod
+    def _notify_on(cls, v: list[str]) -> list[str]:
+        return check_events(v)
 
     @field_validator("home", "inbox", "nanochat_base_dir", "lock_dir", mode="after")
     @classmethod

@@ -135,6 +135,7 @@ class Daemon:
         self.attempts: attempts.Attempts | None = None
         self.inbox = None
         self.health = None
+        self.notifier = None
         self.systemd = None
         self.started_at = time.time()
         self._heartbeat_at = 0.0
@@ -158,6 +159,10 @@ class Daemon:
         self.lock_fd = take_daemon_lock(self.settings)
         self._install_signals()
         self.queue = q.Queue(self.settings)
+        from daemon.notify.notifier import Notifier
+        self.notifier = Notifier(self.settings)   # before recover(): a resumed job is an event too
+        self.notifier.attach(self.queue)
+        self.notifier.start()
         self.attempts = attempts.Attempts(self.settings, self.queue, _optional("preflight"),
                                           _optional("retention"))
         self.attempts.recover()
@@ -166,8 +171,10 @@ class Daemon:
         self.inbox.start()
         health = _optional("health")
         if health is not None and hasattr(health, "HealthMonitor"):
-            self.health = health.HealthMonitor(
-                self.settings, on_warning=lambda text: q.append_event(self.settings, "health_warning", text))
+            def on_warning(text: str) -> None:
+                q.append_event(self.settings, "health_warning", text)
+                self.notifier.health_warning(text)
+            self.health = health.HealthMonitor(self.settings, on_warning=on_warning)
             self.health.start()
         from daemon.sdnotify import SystemdNotifier
         self.systemd = SystemdNotifier.from_env()
@@ -180,7 +187,8 @@ class Daemon:
     def finish(self) -> None:
         if self.systemd is not None:
             self.systemd.stopping("stopping")
-        for stop in (self.inbox and self.inbox.stop, self.health and self.health.stop):
+        for stop in (self.inbox and self.inbox.stop, self.health and self.health.stop,
+                     self.notifier and self.notifier.stop):   # the notifier sends what is due first
             if stop:
                 try:
                     stop()

@@ -270,6 +270,9 @@ class Queue:
         self.settings = settings
         jobs_dir(settings).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.records: dict[str, JobRecord] = {r.name: r for r in list_jobs(settings)}
+        # called as observe(rec, event) for every job event, before the record is saved (the
+        # notifier writes its outbox there, so a kill -9 right after a job's end loses no message)
+        self.observers: list = []
 
     # -- reading
     def get(self, name: str) -> JobRecord | None:
@@ -382,9 +385,15 @@ class Queue:
         return max((r.seq for r in self.records.values()), default=0) + 1
 
     def _event(self, rec: JobRecord, kind: str, message: str, attempt: int | None = None) -> None:
-        rec.events.append({"at": time.time(), "attempt": attempt, "kind": kind, "message": one_line(message)})
+        ev = {"at": time.time(), "attempt": attempt, "kind": kind, "message": one_line(message)}
+        rec.events.append(ev)
         log.info("%s: %s: %s", rec.name, kind, one_line(message))  # the journal's copy
         del rec.events[:-MAX_EVENTS]
+        for observe in self.observers:
+            try:
+                observe(rec, ev)
+            except Exception:  # an observer's trouble must never cost a state change
+                log.exception("%s: event observer failed", rec.name)
 
 
 # ---- requests from the CLI to a running daemon ------------------------------------

@@ -19,6 +19,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
                       model_validator)
 
+from daemon.notify.events import EVENTS, MAX_URLS, check_events, check_url_syntax
 from daemon.units import parse_duration
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -113,6 +114,41 @@ class NanochatRunner(_Strict):
     nproc_per_node: int = Field(1, ge=1, le=64)     # >1 launches through torchrun
 
 
+class Notify(_Strict):
+    """Where this job's events go, beside the operator's notify_urls (daemon/notify/)."""
+
+    urls: list[str] = Field(default_factory=list, max_length=MAX_URLS)  # apprise URLs, e.g. ntfy://my-topic
+    on: Annotated[list[str] | None, WithJsonSchema({"type": "array", "items": {"enum": list(EVENTS)},
+                                                    "uniqueItems": True})] = None  # default: the operator's notify_on
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_command(cls, data: object) -> object:
+        if isinstance(data, dict):
+            if True in data and "on" not in data:
+                # YAML 1.1 reads a bare `on:` key as the boolean true (as GitHub Actions users know)
+                data = {("on" if k is True else k): v for k, v in data.items()}
+            for key in ("command", "notify_command", "cmd", "exec"):
+                if key in data:
+                    raise ValueError(f"{key}: a command to run on an event comes from the operator's config "
+                                     "(notify_command in config.toml), never from a job file")
+        return data
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for i, url in enumerate(v):
+            check_url_syntax(url, f"URL {i + 1}")
+        if len(set(v)) != len(v):
+            raise ValueError("a URL is listed twice")
+        return v
+
+    @field_validator("on")
+    @classmethod
+    def _on(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else check_events(v)
+
+
 class Phase(_Strict):
     phase: Literal["base", "mid", "sft"]
     args: dict[str, ArgValue] = Field(default_factory=dict)  # the trainer's flags, nanochat's names
@@ -134,6 +170,7 @@ class JobSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     recovery: Recovery = Field(default_factory=Recovery)
     retention: Retention = Field(default_factory=Retention)
+    notify: Notify = Field(default_factory=Notify)
     phases: list[Phase] = Field(min_length=1, max_length=len(PHASE_ORDER))
 
     _name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
@@ -238,7 +275,24 @@ def load_job_file(path: Path, *, max_bytes: int = MAX_JOB_FILE_BYTES) -> JobSpec
         raise JobFileError(f"{path.name}: cannot read: {e.strerror or e}") from None
     finally:
         os.close(fd)
-    return parse_job_bytes(raw, filename=path.name, max_bytes=max_bytes)
+    spec = parse_job_bytes(raw, filename=path.name, max_bytes=max_bytes)
+    check_notify_urls(spec, path.name)
+    return spec
+
+
+def check_notify_urls(spec: JobSpec, filename: str) -> None:
+    """Ask apprise about the job's notify URLs, as far as it can tell without sending.
+
+    For the commands that read a file (`submit`, `check`), never the daemon: loading apprise
+    costs ~35 MB of RSS, so the daemon only checks the syntax here and asks apprise from its
+    sender subprocess once the job is accepted (a refusal is a notify_failed event).
+    """
+    if not spec.notify.urls:
+        return
+    from daemon.notify.deliver import check_urls
+    for i, why in enumerate(check_urls(list(spec.notify.urls))):
+        if why:
+            raise JobFileError(f"{filename}: notify.urls: URL {i + 1}: {why}")
 
 
 def read_at_most(fd: int, limit: int) -> bytes:

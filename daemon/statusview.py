@@ -30,7 +30,7 @@ LOSS_POINTS = 200           # recent (step, loss) pairs kept per job
 # as "started", "resumed", "pruned" is left out)
 NOTABLE_KINDS = {"crashed", "restart", "stalled", "oom", "oom_backoff", "gave_up", "failed", "bad_args",
                  "preflight_failed", "preflight_warning", "paused", "waiting", "survivor", "killed", "error",
-                 "prune_error", "phase_done", "done", "cancelled", "requeued", "retry", "relaunch"}
+                 "prune_error", "phase_done", "done", "cancelled", "requeued", "retry", "relaunch", "disk_low"}
 
 
 # ---- the outside world (replaced by a fixed one in tests) ---------------------------
