@@ -91,14 +91,17 @@ def main(argv: list[str]) -> int:
         print("keeper: usage: python -m daemon.launchers.keeper [--cwd DIR] -- CMD...", file=sys.stderr)
         return 2
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    agent_pid = [0]
+    # before torchrun exists: a stop that comes at once must not kill the keeper (and free the locks)
+    forward = lambda signum, frame: signal_ranks(agent_pid[0], signal.SIGTERM)  # noqa: E731
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
     try:
         agent = subprocess.Popen(argv, cwd=cwd, close_fds=True, preexec_fn=_die_with_keeper)
     except OSError as e:
         print(f"keeper: cannot start {argv[0]}: {e.strerror or e}", file=sys.stderr, flush=True)
         return 127
-    forward = lambda signum, frame: signal_ranks(agent.pid, signal.SIGTERM)  # noqa: E731
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
+    agent_pid[0] = agent.pid
     status = None
     while True:
         try:
