@@ -322,3 +322,23 @@ def test_ranks_whose_keeper_was_sigkilled_are_found_by_their_mark_and_killed(gro
     os.kill(group.proc.pid, signal.SIGKILL)   # torchrun dies with it (its death signal); the ranks do not
     wait_until(group.proc.poll, 10, message="the keeper's end")
     wait_until(lambda: not any(procs.is_alive(r) for r in ranks), 10, message="the marked ranks to be killed")
+
+
+def test_health_sums_the_rss_of_the_whole_group_and_reads_vram_per_gpu_of_the_job(group, nanod_home):
+    from daemon import health
+    from daemon.atomic import write_json_atomic
+    from daemon.queue import Attempt, JobRecord, JobState
+    settings = load_settings(nanod_home)
+    keeper = group.proc.pid
+    rec = JobRecord(name="wide", seq=1, spec={"name": "wide", "gpus": [1, 0], "phases": [ONE]},
+                    state=JobState.RUNNING, progress={"phase": "base", "step": 3},
+                    attempts=[Attempt(n=1, phase="base", pid=keeper, pgid=keeper, proc_start=group.proc.proc_start)])
+    (settings.state_dir / "jobs").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(settings.state_dir / "jobs" / "wide.json", rec.to_dict())
+    t = health.read_trainer(settings)
+    members = [keeper, group.agent, *ranks_of(keeper)]
+    assert t["gpus"] == [1, 0] and t["processes"] == 4, "the keeper, torchrun and both ranks, in three sessions"
+    assert t["rss_bytes"] >= sum(procs.rss(p) for p in members) * 0.9
+    reading = {"gpus": [{"index": i, "used_bytes": 100 + i, "total_bytes": 1000} for i in range(3)]}
+    assert health.job_vram(t["gpus"], reading) == [{"index": 1, "used_bytes": 101, "total_bytes": 1000},
+                                                   {"index": 0, "used_bytes": 100, "total_bytes": 1000}]

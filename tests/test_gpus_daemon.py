@@ -108,7 +108,7 @@ def test_a_two_gpu_plan_waits_for_a_held_gpu_then_runs_base_mid_sft_holding_both
     try:
         wait_until(lambda: gpulock.is_held(watch.locks[1]), 20, message="exec to hold GPU 1")
         env.daemon()
-        env.drop(wide_plan("wide", steps=24, save_every=8, phases=("base", "mid", "sft")))
+        env.drop(wide_plan("wide", steps=60, save_every=20, phases=("base", "mid", "sft")))
         rec = env.wait_state("wide", "waiting", timeout=60)
         assert rec.reason.startswith("waiting for GPU 1's lock, held by pid ") and "time.sleep(60)" in rec.reason
         assert not gpulock.is_held(watch.locks[0]), "the job holds no lock while it waits for another"
@@ -119,12 +119,14 @@ def test_a_two_gpu_plan_waits_for_a_held_gpu_then_runs_base_mid_sft_holding_both
     shown = watch.until(lambda: (out := env.nanod("status").stdout) and "gpu1   locked by pid" in out and out,
                         60, "status to show the job on both GPUs")
     assert "gpus 0, 1 · one rank each through torchrun" in shown
+    busy = env.nanod("exec", "--gpu", "1", "--timeout", "0.3", "--", "true")
+    assert busy.returncode == 1 and "job wide" in busy.stderr, "exec on either GPU waits for the whole job"
     gpu_lines = [ln for ln in shown.splitlines() if ln.startswith(("gpu0 ", "gpu1 "))]
     assert len(gpu_lines) == 2 and all("(wide)" in ln for ln in gpu_lines), gpu_lines
     watch.until(lambda: env.state("wide") in ("done", "failed"), 300, "the plan to finish")
     rec = env.rec("wide")
     assert rec.state.value == "done", rec.reason
-    assert rec.phase_final_steps == {"base": 24, "mid": 4, "sft": 4}
+    assert rec.phase_final_steps == {"base": 60, "mid": 4, "sft": 4}
     for phase, step in rec.phase_final_steps.items():
         d = env.ckpt_dir("wide", phase)
         assert layout.is_complete(d, step) and layout.read_meta(d, step)["nanod"]["world_size"] == 2

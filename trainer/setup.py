@@ -17,6 +17,7 @@ Only rank 0 prints the notes of this module.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 import time
@@ -63,8 +64,6 @@ class Plan:
 
 
 def resolve_plan(phase: str, opts: Options, given: dict, *, world_size: int = 1, rank: int = 0) -> Plan:
-    global _quiet
-    _quiet = rank != 0
     root = layout.base_dir()
     tag = resolve_model_tag(phase, opts, given, root)
     ckpt_dir = layout.checkpoint_dir(root, phase, tag)
@@ -127,12 +126,14 @@ def resolve_plan(phase: str, opts: Options, given: dict, *, world_size: int = 1,
     return plan
 
 
-_quiet = False  # under torchrun, ranks other than 0 resolve silently: their notes would repeat rank 0's
-
-
 def say(message: str) -> None:
-    if not _quiet:
+    """A note on stderr; under torchrun from rank 0 only (the other ranks' would repeat it)."""
+    if not _quiet():
         print(message, file=sys.stderr, flush=True)
+
+
+def _quiet() -> bool:
+    return os.environ.get("RANK", "0").strip() not in ("", "0")
 
 
 def check_same(resume: dict, what: str, now, then) -> None:
@@ -192,7 +193,7 @@ def find_resume(phase: str, opts: Options, ckpt_dir: Path, *, rank: int = 0) -> 
             say(f"warning: starting {phase} fresh; checkpoints in {ckpt_dir} will be overwritten as steps are saved")
         return None
     if value == "auto":
-        found = newest_usable(ckpt_dir, "cpu", rank=rank, quiet=_quiet)
+        found = newest_usable(ckpt_dir, "cpu", rank=rank, quiet=_quiet())
         if found is None:
             say(f"no checkpoint to resume from in {ckpt_dir}; starting fresh")
             return None
@@ -217,7 +218,7 @@ def find_init(phase: str, opts: Options, root: Path, tag: str) -> dict | None:
     for p in prev:
         d = layout.checkpoint_dir(root, p, tag)
         if opts.init_step == "auto":
-            found = newest_usable(d, "cpu", with_optim=False, quiet=_quiet)
+            found = newest_usable(d, "cpu", with_optim=False, quiet=_quiet())
             if found:
                 step, model, _, meta = found
                 return {"phase": p, "step": step, "model": model, "meta": meta, "dir": d}
