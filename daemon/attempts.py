@@ -108,12 +108,17 @@ class Attempts:
 
     # ---- launching -------------------------------------------------------------------
     def start_next(self) -> None:
-        """The head of the queue, for each GPU that has no current job."""
-        busy = {r.job_spec.gpu for r in self.queue.ordered(S.RUNNING, S.PAUSED, S.WAITING, S.BACKING_OFF)}
+        """The head of the queue, for each GPU that has no current job.
+
+        A queued job whose GPUs are not all free keeps them for its turn: a later
+        job on one of them does not start before it (no starving the wide job)."""
+        busy = {g for r in self.queue.ordered(S.RUNNING, S.PAUSED, S.WAITING, S.BACKING_OFF)
+                for g in r.job_spec.gpu_indices}
         for rec in self.queue.ordered(S.QUEUED):
-            if rec.job_spec.gpu not in busy:
-                busy.add(rec.job_spec.gpu)
+            gpus = set(rec.job_spec.gpu_indices)
+            if not gpus & busy:
                 self.launch(rec)
+            busy |= gpus
 
     def relaunch_due(self) -> None:
         now = time.time()
@@ -373,8 +378,10 @@ class Attempts:
         if newest is not None and (a.last_ckpt is None or newest > a.last_ckpt):
             a.last_ckpt = newest
             self.queue.set_checkpoint(rec, a.phase, newest, layout.size_of(a.ckpt_dir, newest))
-        tail = read_tail(self.settings.home / att.log)
-        error = last_error_line(tail)
+        raw = read_tail(self.settings.home / att.log)
+        # the trainer's own words: a torchrun group's report and chatter are the launcher's, not the trainer's
+        tail = a.proc.trainer_tail(raw) if hasattr(a.proc, "trainer_tail") else raw
+        error = a.proc.error_line(raw) if hasattr(a.proc, "error_line") else last_error_line(raw)
         code = a.proc.returncode
         if code is None:  # a survivor, or an attempt that ended while no daemon watched: no exit code
             done = a.total is not None and newest == a.total

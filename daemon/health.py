@@ -7,11 +7,15 @@ One snapshot is a dict (the JSON written to disk):
              "gpus": [{"index", "name", "total_bytes", "used_bytes", "free_bytes", "util_percent", "errors"}]},
      "disk": {"checkpoints": {"path", "free_bytes", "total_bytes", "device"}, "home": {...}},
      "ram": {"total_bytes", "available_bytes"},
-     "trainer": {"job", "phase", "pid", "pgid", "rss_bytes", "processes", "peak_mem_gib"} | null,
+     "trainer": {"job", "phase", "pid", "pgid", "rss_bytes", "processes", "peak_mem_gib",
+                 "gpus": [index, ...], "vram": [{"index", "used_bytes", "total_bytes"}, ...]} | null,
      "warnings": ["one line", ...],
      "errors": {"ram": "why it could not be read", ...}}
 
 Each metric is read in its own try, so one failure costs only that metric.
+The trainer's RSS is summed over its whole group (for a job on several GPUs:
+the keeper, torchrun and every rank, whose sessions differ) and its VRAM is
+read per GPU of the job.
 The history is JSONL segments under <home>/health/ (history-<unix start>.jsonl,
 about health_history / HISTORY_SEGMENTS seconds each; whole segments older than
 health_history are deleted) plus latest.json written atomically. A line is
@@ -68,6 +72,8 @@ def take_snapshot(settings) -> dict:
         errors["ram"] = _err(e)
     try:
         snap["trainer"] = read_trainer(settings)
+        if snap["trainer"] is not None:
+            snap["trainer"]["vram"] = job_vram(snap["trainer"]["gpus"], snap["gpu"])
     except Exception as e:
         errors["trainer"] = _err(e)
     snap["warnings"] = [text for _, text in evaluate_warnings(settings, snap)]
@@ -131,7 +137,8 @@ def read_trainer(settings) -> dict | None:
         pid, pgid = att.get("pid"), att.get("pgid")
         progress = d.get("progress") or {}
         out = {"job": d["name"], "phase": att.get("phase"), "pid": pid, "pgid": pgid,
-               "rss_bytes": None, "processes": 0, "peak_mem_gib": progress.get("peak_mem_gib")}
+               "rss_bytes": None, "processes": 0, "peak_mem_gib": progress.get("peak_mem_gib"),
+               "gpus": rec.job_spec.gpu_indices}
         if procs.is_alive(pid, att.get("proc_start")):
             members = procs.group_pids(pgid) if isinstance(pgid, int) else []
             members = sorted(set(members or [pid]) | set(procs.descendants(pid)))
@@ -140,6 +147,13 @@ def read_trainer(settings) -> dict | None:
             out["processes"] = len(rss)
         return out
     return None
+
+
+def job_vram(gpus: list[int], gpu_reading: dict | None) -> list[dict]:
+    """VRAM of each of the job's GPUs, as the snapshot read them (a GPU not read is left out)."""
+    by_index = {g.get("index"): g for g in (gpu_reading or {}).get("gpus") or [] if isinstance(g, dict)}
+    return [{"index": i, "used_bytes": by_index[i].get("used_bytes"), "total_bytes": by_index[i].get("total_bytes")}
+            for i in gpus if i in by_index]
 
 
 def _err(e: BaseException) -> str:

@@ -337,12 +337,20 @@ def _check_vram(settings, spec, phase_index, flags, device_batch_size, gpus) -> 
     if not gpus.gpus:
         auto = "" if flags.get("device_type") else " (device_type is auto: the trainer would run on the CPU)"
         return Check(name, WARN, f"{gpus.note or 'no NVIDIA GPU found'}{auto}; {what}")
-    gpu = next((g for g in gpus.gpus if g.index == spec.gpu), None)
-    if gpu is None:
-        return Check(name, FAIL, f"GPU {spec.gpu} not found (have {', '.join(str(g.index) for g in gpus.gpus)})")
-    if gpu.free_bytes is None:
-        return Check(name, WARN, f"GPU {spec.gpu} free memory unreadable ({gpu.errors.get('memory') or gpu.errors}); {what}")
-    free = f"{format_size(gpu.free_bytes)} free on GPU {spec.gpu} ({gpu.name})"
+    # every rank holds a whole replica (model, optimizer, activations of its batch): the same need on each GPU
+    cards = []
+    for index in spec.gpu_indices:
+        gpu = next((g for g in gpus.gpus if g.index == index), None)
+        if gpu is None:
+            return Check(name, FAIL, f"GPU {index} not found (have {', '.join(str(g.index) for g in gpus.gpus)})")
+        if gpu.free_bytes is None:
+            return Check(name, WARN, f"GPU {index} free memory unreadable ({gpu.errors.get('memory') or gpu.errors}); "
+                         f"{what}")
+        cards.append(gpu)
+    gpu = min(cards, key=lambda g: g.free_bytes)  # the tightest card decides
+    if len(cards) > 1:
+        what = f"{what} on each of GPUs {', '.join(map(str, spec.gpu_indices))}"
+    free = f"{format_size(gpu.free_bytes)} free on GPU {gpu.index} ({gpu.name})"
     if need > gpu.free_bytes:
         return Check(name, FAIL, f"{what} > {free}: lower device_batch_size or max_seq_len")
     if need > VRAM_WARN_FRACTION * gpu.free_bytes:

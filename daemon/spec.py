@@ -111,7 +111,8 @@ class NanochatRunner(_Strict):
     repo: str                                      # path of the checkout
     python: str = "python"                         # its interpreter (e.g. <repo>/.venv/bin/python)
     flag_style: Literal["auto", "dash", "underscore"] = "auto"  # auto: detected from the checkout
-    nproc_per_node: int = Field(1, ge=1, le=64)     # >1 launches through torchrun
+    # ranks per attempt; default: one per GPU of the job (gpus:), and if given it must say the same
+    nproc_per_node: int | None = Field(None, ge=1, le=64)
 
 
 class Notify(_Strict):
@@ -166,7 +167,9 @@ class JobSpec(_Strict):
     runner: Literal["builtin", "nanochat"] = "builtin"
     nanochat: NanochatRunner | None = None              # required with runner: nanochat
     priority: int = Field(0, ge=-100, le=100)           # higher runs first; FIFO within a priority
-    gpu: int = Field(0, ge=0, le=63)                    # GPU index: the lock taken and CUDA_VISIBLE_DEVICES
+    gpu: int | None = Field(None, ge=0, le=63)          # one GPU (default 0): the lock taken and CUDA_VISIBLE_DEVICES
+    # several GPUs: one rank each through torchrun, every GPU's lock taken (rank r on gpus[r])
+    gpus: list[Annotated[int, Field(ge=0, le=63)]] | None = Field(None, min_length=1, max_length=64)
     env: dict[str, str] = Field(default_factory=dict)
     recovery: Recovery = Field(default_factory=Recovery)
     retention: Retention = Field(default_factory=Retention)
@@ -190,6 +193,17 @@ class JobSpec(_Strict):
             raise ValueError("runner: nanochat needs a nanochat: {repo: PATH} block")
         if self.runner == "builtin" and self.nanochat is not None:
             raise ValueError("a nanochat: block needs runner: nanochat")
+        if self.gpus is not None:
+            if self.gpu is not None:
+                raise ValueError("give either gpu: N (one GPU) or gpus: [..] (several), not both")
+            twice = sorted({g for g in self.gpus if self.gpus.count(g) > 1})
+            if twice:
+                raise ValueError(f"gpus lists GPU {twice[0]} twice (one rank per GPU)")
+        nproc = self.nanochat.nproc_per_node if self.nanochat is not None else None
+        if nproc is not None and nproc != len(self.gpu_indices):
+            have = f"gpus lists {len(self.gpus)}" if self.gpus is not None else "the job has one GPU"
+            raise ValueError(f"nanochat.nproc_per_node is {nproc} but {have}: one rank per GPU, so list "
+                             f"{nproc} GPUs in gpus: (or drop nproc_per_node)")
         for p in self.phases:
             for key in ("device_batch_size", "num_iterations", "max_seq_len", "max_tokens", "depth"):
                 v = p.args.get(key)
@@ -201,6 +215,18 @@ class JobSpec(_Strict):
                 from trainer.options import sft_row_length
                 sft_row_length(p.args, prefix="phases.sft.args.")   # one setting under two names
         return self
+
+    @property
+    def gpu_indices(self) -> list[int]:
+        """The job's GPUs in rank order: gpus, else [gpu], else [0]."""
+        if self.gpus is not None:
+            return list(self.gpus)
+        return [0 if self.gpu is None else self.gpu]
+
+    @property
+    def world_size(self) -> int:
+        """Ranks per attempt: one per GPU (more than one means torchrun)."""
+        return len(self.gpu_indices)
 
     @property
     def resolved_model_tag(self) -> str:

@@ -297,7 +297,8 @@ def job_view(rec: dict, now: float) -> dict:
         "submitted_at": _opt_num(rec.get("submitted_at")),
         "source": rec.get("source"),
         "model_tag": spec.get("model_tag"),
-        "gpu": spec.get("gpu", 0),
+        "gpu": job_gpus(spec)[0],
+        "gpus": job_gpus(spec),
         "phase": {"index": index, "count": len(phases), "name": phase_name, "names": phases},
         "progress": _progress_view(rec, state, last, now),
         "checkpoint": _checkpoint_view(rec.get("checkpoint"), now),
@@ -413,15 +414,30 @@ def _last_error(rec: dict, attempts: list[dict]) -> str:
     return rec.get("reason") or ""
 
 
+def job_gpus(spec: dict) -> list[int]:
+    """A recorded spec's GPUs in rank order: gpus, else [gpu], else [0]."""
+    gpus = spec.get("gpus")
+    if isinstance(gpus, list) and gpus and all(isinstance(g, int) and not isinstance(g, bool) for g in gpus):
+        return list(gpus)
+    return [int(_num(spec.get("gpu"), 0))]
+
+
 def gpus_view(settings, probe: Probe, records: list[dict], health: dict | None, jobs: list[dict]) -> list[dict]:
-    """Each GPU that matters: index 0, those a live job uses, those health saw; lock holder and VRAM."""
+    """Each GPU that matters: index 0, those a live job uses, those health saw; lock holder, VRAM and
+    the unfinished job (first in queue order) that uses it: a job on several GPUs is on each of them."""
     readings = {}
     gpu = (health or {}).get("gpu") if isinstance((health or {}).get("gpu"), dict) else {}
     for g in gpu.get("gpus") or []:
         if isinstance(g, dict):
             readings[int(_num(g.get("index"), 0))] = g
     indices = {0} | set(readings)
-    indices |= {int(_num(j["gpu"], 0)) for j in jobs if j["state"] not in FINISHED_STATES}
+    users: dict[int, str] = {}
+    for s in ACTIVE_STATES:
+        for j in jobs:
+            if j["state"] == s:
+                for i in j["gpus"]:
+                    users.setdefault(i, j["name"])
+    indices |= {i for j in jobs if j["state"] not in FINISHED_STATES for i in j["gpus"]}
     at = _opt_num((health or {}).get("time"))
     out = []
     for i in sorted(indices):
@@ -436,7 +452,8 @@ def gpus_view(settings, probe: Probe, records: list[dict], health: dict | None, 
             vram = {"name": g.get("name"), "used": _opt_num(g.get("used_bytes")),
                     "total": _opt_num(g.get("total_bytes")), "free": _opt_num(g.get("free_bytes")),
                     "util": _opt_num(g.get("util_percent")), "at": at}
-        out.append({"index": i, "lock": {"path": str(path), "held": held, "holder": holder}, "vram": vram})
+        out.append({"index": i, "lock": {"path": str(path), "held": held, "holder": holder}, "vram": vram,
+                    "job": users.get(i)})
     return out
 
 
@@ -451,7 +468,8 @@ def _health_summary(health: dict | None, now: float) -> dict | None:
     return {"at": at, "age_s": _age(now, at), "warnings": [str(w) for w in health.get("warnings") or []],
             "gpu_source": gpu.get("source"), "gpu_note": gpu.get("note") or "",
             "ram": {"total": _opt_num(ram.get("total_bytes")), "available": _opt_num(ram.get("available_bytes"))},
-            "trainer_rss": _opt_num(trainer.get("rss_bytes"))}
+            "trainer_rss": _opt_num(trainer.get("rss_bytes")),
+            "trainer_processes": trainer.get("processes") if isinstance(trainer.get("processes"), int) else None}
 
 
 def _recent_events(settings, records: list[dict]) -> list[dict]:

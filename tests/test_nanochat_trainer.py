@@ -208,11 +208,10 @@ def test_one_phase_sft_starts_from_the_newest_complete_checkpoint_not_a_torn_one
     assert ln.argv[-2:] == ["--model-tag=d4", "--model-step=8"]
 
 
-def test_torchrun_launches_each_rank_when_nproc_is_above_one(tmp_path, dash):
-    spec = job(dash, [BASE], nanochat={"nproc_per_node": 2})
+def test_a_two_gpu_job_is_one_process_command_that_the_launcher_runs_through_torchrun(tmp_path, dash):
+    spec = job(dash, [BASE], gpus=[0, 1])
     ln = launch(tmp_path, spec, dash)
-    assert ln.argv[:7] == [str(dash / ".venv/bin/python"), "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", "-m", "scripts.base_train"]
+    assert ln.argv[:3] == [str(dash / ".venv/bin/python"), "-m", "scripts.base_train"]  # torchrun: tests/test_gpus.py
 
 
 def test_mid_on_a_checkout_without_mid_is_refused_clearly(tmp_path, dash):
@@ -271,7 +270,7 @@ def test_exit_classes():
 # ---- completeness ---------------------------------------------------------------------
 
 def test_checkpoint_missing_a_ranks_optimizer_is_incomplete(tmp_path, dash):
-    ad = adapter_for(tmp_path, job(dash, [BASE], nanochat={"nproc_per_node": 2}), dash)
+    ad = adapter_for(tmp_path, job(dash, [BASE], gpus=[0, 1]), dash)
     d = tmp_path / "nc/base_checkpoints/d4"
     write_checkpoint(d, 4, ranks=1)
     assert ad.optim_ranks("base") == 2 and not ad.is_complete(d, 4)
@@ -282,7 +281,8 @@ def test_checkpoint_missing_a_ranks_optimizer_is_incomplete(tmp_path, dash):
 
 
 def test_configurator_sft_checkpoint_is_complete_without_optimizer_files(tmp_path, underscore):
-    ad = adapter_for(tmp_path, job(underscore, [U_BASE, MID, U_SFT], nanochat={"nproc_per_node": 2}), underscore)
+    ad = adapter_for(tmp_path, job(underscore, [U_BASE, MID, U_SFT], gpus=[0, 1], nanochat={"nproc_per_node": 2}),
+                     underscore)
     assert (ad.optim_ranks("base"), ad.optim_ranks("mid"), ad.optim_ranks("sft")) == (2, 1, 0)
     assert NanochatTrainer(None, ad.spec).optim_ranks("sft") == 0   # as retention asks, without settings
     d = tmp_path / "nc/chatsft_checkpoints/d4"

@@ -22,26 +22,39 @@ def main(argv: list[str] | None = None) -> int:
     except BadArgs as e:
         return _bad(e)
     # signals are recorded from here on: a stop during setup still ends cleanly
-    from trainer.signals import StopFlag
+    from trainer.signals import StopFlag, die_with_parent
+    if not die_with_parent():
+        print("trainer: error: torchrun, which started this rank, is gone", file=sys.stderr, flush=True)
+        return exitcodes.INTERRUPTED
     stop = StopFlag().install()
     import torch
 
     from trainer.data import DataError
+    from trainer.distributed import Group
     from trainer.faults import Faults
     from trainer.setup import resolve_plan
     from trainer.train import Trainer
+    group = None
     try:
+        group = Group.from_env().start(opts.device_type)
         faults = Faults.from_env()
-        plan = resolve_plan(phase, opts, given)
-        return Trainer(plan, stop, faults).run()
+        if not group.is_main:
+            group.barrier()  # rank 0 first: it may generate the embedded data and train the tokenizer
+        plan = resolve_plan(phase, opts, given, world_size=group.world_size, rank=group.rank)
+        if group.is_main:
+            group.barrier()
+        return Trainer(plan, stop, faults, group).run()
     except (BadArgs, DataError, ValueError) as e:
-        if isinstance(e, ValueError) and not str(e).startswith("NANOD_FAULT"):
+        if isinstance(e, ValueError) and not str(e).startswith(("NANOD_", "RANK=", "WORLD_SIZE=", "LOCAL_RANK=")):
             raise
         return _bad(e)
     except torch.OutOfMemoryError:
         print(f"out of memory before training started with device_batch_size={opts.device_batch_size}: "
               "retry with a smaller --device_batch_size", file=sys.stderr, flush=True)
         return exitcodes.OOM
+    finally:
+        if group is not None:
+            group.close()
 
 
 def _bad(e: Exception) -> int:

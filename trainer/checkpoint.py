@@ -12,6 +12,14 @@ saved state changes.
 A kill at any instant leaves either the previous checkpoints or a complete new
 one, plus at worst hidden temp files or a meta-less step that resume skips.
 
+Under torchrun every rank saves together: rank 0 writes the model and
+`optim_N_rank0.pt` (the whole optimizer state: it is replicated, so one copy
+is enough), every other rank writes `optim_N_rank<r>.pt` with only its own
+RNG state. The writer threads then agree (their own gloo group) that every
+rank's file is on disk; only then does rank 0 write the meta, which records the
+world size and every file's size, and a second agreement keeps each rank in
+the save until the meta has landed (an emergency stop must not exit early).
+
 Loading uses `torch.load(weights_only=True)` only. The meta records the size of
 each file so that a truncated file is recognised without unpickling it, and
 resume falls back to the previous complete checkpoint. This module does not
@@ -138,35 +146,56 @@ def _write_file(final: Path, write) -> int:
 
 def write_checkpoint(ckpt_dir: Path, step: int, model_sd: dict, optim_payload: dict, meta: dict,
                      slow_ms: int = 0) -> int:
-    """Write one checkpoint (model, optim rank 0, meta last); returns its bytes on disk."""
+    """Write one checkpoint of one process (model, optim rank 0, meta last); returns its bytes on disk."""
+    sizes = write_rank_files(ckpt_dir, step, model_sd, optim_payload, slow_ms)
+    return sum(sizes.values()) + write_meta(ckpt_dir, step, meta, sizes)
+
+
+def write_rank_files(ckpt_dir: Path, step: int, model_sd: dict | None, optim_payload: dict, slow_ms: int = 0,
+                     *, rank: int = 0) -> dict[str, int]:
+    """This rank's files of a checkpoint (rank 0: the model and optim rank 0; rank r: optim rank r).
+
+    Returns {file name: bytes}. ENOSPC removes what this call wrote and re-raises.
+    """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     # an older checkpoint of the same step stops being complete before its files are replaced
     layout.meta_path(ckpt_dir, step).unlink(missing_ok=True)
     pause = (lambda: time.sleep(slow_ms / 1000)) if slow_ms > 0 else (lambda: None)
-    written = [layout.model_path(ckpt_dir, step), layout.optim_path(ckpt_dir, step, 0)]
+    todo = ([(layout.model_path(ckpt_dir, step), model_sd)] if rank == 0 else []) + \
+        [(layout.optim_path(ckpt_dir, step, rank), optim_payload)]
+    sizes: dict[str, int] = {}
     try:
-        sizes = {written[0].name: _write_file(written[0], lambda f: torch.save(model_sd, f))}
-        pause()
-        sizes[written[1].name] = _write_file(written[1], lambda f: torch.save(optim_payload, f))
-        pause()
-        _fsync_dir(ckpt_dir)
-        meta = {**meta, "nanod": {**meta.get("nanod", {}), "files": sizes}}
-        mp = layout.meta_path(ckpt_dir, step)
-        _write_file(mp, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        for path, obj in todo:
+            sizes[path.name] = _write_file(path, lambda f, obj=obj: torch.save(obj, f))
+            pause()
         _fsync_dir(ckpt_dir)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            for p in written:  # a meta-less step only takes space; the previous checkpoint is untouched
-                p.unlink(missing_ok=True)
+            for path, _ in todo:  # a meta-less step only takes space; the previous checkpoint is untouched
+                path.unlink(missing_ok=True)
         raise
-    return sum(sizes.values()) + mp.stat().st_size
+    return sizes
+
+
+def write_meta(ckpt_dir: Path, step: int, meta: dict, sizes: dict[str, int]) -> int:
+    """The meta, last: it makes the checkpoint complete. `sizes` names every rank's files."""
+    meta = {**meta, "nanod": {**meta.get("nanod", {}), "files": sizes}}
+    mp = layout.meta_path(ckpt_dir, step)
+    _write_file(mp, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    _fsync_dir(ckpt_dir)
+    return mp.stat().st_size
+
+
+class PeerSaveFailed(RuntimeError):
+    """Another rank could not write its part of a checkpoint; this step has no meta."""
 
 
 class CheckpointWriter:
     """One background write at a time; submit() and wait() block until the previous one is done."""
 
-    def __init__(self, should_abort, slow_ms: int = 0):
+    def __init__(self, should_abort, slow_ms: int = 0, group=None):
         self.should_abort, self.slow_ms = should_abort, slow_ms
+        self.group = group  # trainer.distributed.Group under torchrun: every rank saves together
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_bytes = 0
@@ -203,31 +232,76 @@ class CheckpointWriter:
 
     def _run(self, ckpt_dir, step, model_sd, optim_payload, meta) -> None:
         t0 = time.monotonic()
+        group = self.group
+        together = group is not None and group.active
+        rank = group.rank if together else 0
         try:
+            if together and group.device is not None and group.device.type == "cuda":
+                torch.cuda.set_device(group.device)  # a new thread starts on GPU 0, not on this rank's
             try:
                 self._buffers = snapshot(model_sd, optim_payload, self._buffers)
             finally:
                 self._copied.set()
             model_sd, optim_payload = self._buffers
-            while True:
-                try:
-                    self.last_bytes = write_checkpoint(ckpt_dir, step, model_sd, optim_payload, meta, self.slow_ms)
-                    break
-                except OSError as e:
-                    if e.errno != errno.ENOSPC:
-                        raise
-                    estimate = max(self.last_bytes, estimate_bytes(model_sd, optim_payload))
-                    need = estimate + disk_reserve()
-                    print(f"paused: waiting for disk space before saving step {step}: need {human_bytes(need)} "
-                          f"free {human_bytes(free_bytes(ckpt_dir))}", flush=True)
-                    # wait until the estimate fits, then retry; the guard prints the resumed line
-                    _wait_quiet(ckpt_dir, need, self.should_abort, step)
-                    print("resumed: disk space available", flush=True)
+            estimate = lambda: max(self.last_bytes, estimate_bytes(model_sd, optim_payload))  # noqa: E731
+            write_own = lambda: write_rank_files(ckpt_dir, step, model_sd, optim_payload,  # noqa: E731
+                                                 self.slow_ms, rank=rank)
+            if together:
+                sizes = self._save_together(ckpt_dir, step, meta, write_own, estimate)
+            else:
+                sizes = self._retry_on_enospc(ckpt_dir, step, write_own, estimate)
+                sizes[layout.meta_path(ckpt_dir, step).name] = self._retry_on_enospc(
+                    ckpt_dir, step, lambda: write_meta(ckpt_dir, step, meta, sizes), estimate)
+            self.last_bytes = sum(sizes.values())
             self.last_step = step
-            print(f"saved checkpoint step {step} ({human_bytes(self.last_bytes)}, {time.monotonic() - t0:.2f}s): "
-                  f"{layout.model_path(ckpt_dir, step)}", file=sys.stderr, flush=True)
+            if rank == 0:
+                print(f"saved checkpoint step {step} ({human_bytes(self.last_bytes)}, {time.monotonic() - t0:.2f}s): "
+                      f"{layout.model_path(ckpt_dir, step)}", file=sys.stderr, flush=True)
         except BaseException as e:  # handed to the loop by wait()
             self._error = e
+
+    def _save_together(self, ckpt_dir, step, meta, write_own, estimate) -> dict[str, int]:
+        """Under torchrun: every rank's files, an agreement, rank 0's meta, a second agreement.
+
+        Each rank takes part in both agreements whatever happened to its own
+        writes (an error is raised only after them), or its peers would wait.
+        """
+        group = self.group
+        error: BaseException | None = None
+        sizes: dict[str, int] = {}
+        try:
+            sizes = self._retry_on_enospc(ckpt_dir, step, write_own, estimate)
+        except Exception as e:
+            error = e
+        if not group.all_in_writer(error is None):
+            raise error or PeerSaveFailed(f"another rank could not write its part of checkpoint step {step}")
+        if group.is_main:
+            try:
+                every = dict(sizes)
+                for r in range(1, group.world_size):
+                    path = layout.optim_path(ckpt_dir, step, r)
+                    every[path.name] = path.stat().st_size
+                sizes[layout.meta_path(ckpt_dir, step).name] = self._retry_on_enospc(
+                    ckpt_dir, step, lambda: write_meta(ckpt_dir, step, meta, every), estimate)
+            except Exception as e:
+                error = e
+        if not group.all_in_writer(error is None):  # no rank leaves the save before the meta has landed
+            raise error or PeerSaveFailed(f"rank 0 could not write the meta of checkpoint step {step}")
+        return sizes
+
+    def _retry_on_enospc(self, ckpt_dir, step, write, estimate):
+        """write(); after ENOSPC, print the paused line, wait until the estimate fits, and write again."""
+        while True:
+            try:
+                return write()
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+            need = estimate() + disk_reserve()
+            print(f"paused: waiting for disk space before saving step {step}: need {human_bytes(need)} "
+                  f"free {human_bytes(free_bytes(ckpt_dir))}", flush=True)
+            _wait_quiet(ckpt_dir, need, self.should_abort, step)
+            print("resumed: disk space available", flush=True)
 
 
 def _wait_quiet(ckpt_dir: Path, need: int, should_abort, step: int) -> None:
@@ -257,29 +331,43 @@ def verify(ckpt_dir: Path, step: int) -> str | None:
     return layout.why_incomplete(ckpt_dir, step)
 
 
-def load_checkpoint(ckpt_dir: Path, step: int, device, *, with_optim: bool = True):
-    """(model state, optim payload or None, meta); raises ValueError naming the file when unreadable."""
+def load_checkpoint(ckpt_dir: Path, step: int, device, *, with_optim: bool = True, rank: int = 0):
+    """(model state, optim payload or None, meta); raises ValueError naming the file when unreadable.
+
+    The optimizer state is rank 0's file (it holds the whole, replicated state);
+    `rank`'s own file adds that rank's RNG state when the checkpoint has one for
+    it (a checkpoint of fewer ranks has none for the extra ones).
+    """
     problem = verify(ckpt_dir, step)
     if problem:
         raise ValueError(f"checkpoint step {step} in {ckpt_dir} is not usable: {problem}")
     meta = layout.read_meta(ckpt_dir, step)
-    paths = [layout.model_path(ckpt_dir, step)] + ([layout.optim_path(ckpt_dir, step, 0)] if with_optim else [])
-    loaded = []
-    for p in paths:
-        try:
-            loaded.append(torch.load(p, map_location=device, weights_only=True))
-        except Exception as e:
-            raise ValueError(f"checkpoint file {p} is unreadable: {str(e).splitlines()[0] if str(e) else e!r}") from None
-    return loaded[0], (loaded[1] if with_optim else None), meta
+    model_sd = _load(layout.model_path(ckpt_dir, step), device)
+    if not with_optim:
+        return model_sd, None, meta
+    optim = _load(layout.optim_path(ckpt_dir, step, 0), device)
+    if rank > 0:
+        own = layout.optim_path(ckpt_dir, step, rank)
+        rng = _load(own, device).get("rng") if rank < layout.expected_ranks(meta) else None
+        optim = {**optim, "rng": rng or {}}
+    return model_sd, optim, meta
 
 
-def newest_usable(ckpt_dir: Path, device, *, with_optim: bool = True):
+def _load(path: Path, device):
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint file {path} is unreadable: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+
+def newest_usable(ckpt_dir: Path, device, *, with_optim: bool = True, rank: int = 0, quiet: bool = False):
     """The newest checkpoint that loads: (step, model, optim, meta) or None; skipped ones are warned about."""
     for step in reversed(layout.list_steps(ckpt_dir)):
         try:
-            model_sd, optim, meta = load_checkpoint(ckpt_dir, step, device, with_optim=with_optim)
+            model_sd, optim, meta = load_checkpoint(ckpt_dir, step, device, with_optim=with_optim, rank=rank)
         except ValueError as e:
-            print(f"warning: skipping checkpoint step {step}: {e}", file=sys.stderr, flush=True)
+            if not quiet:
+                print(f"warning: skipping checkpoint step {step}: {e}", file=sys.stderr, flush=True)
             continue
         return step, model_sd, optim, meta
     return None

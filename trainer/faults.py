@@ -9,6 +9,8 @@
     NANOD_FAULT_SLOW_SAVE_MS=N    the checkpoint writer sleeps N ms after each file, so a test can kill mid-save
     NANOD_FAULT_VRAM_GB=G         on CUDA, cap this process's memory at G GiB (a real small card simulated on a
                                   large one: allocations past it raise a real CUDA OOM), every attempt
+    NANOD_FAULT_RANK=R            under torchrun, the OOM, crash and hang faults fire on rank R only
+                                  (default: on every rank)
 
 "At step S" means after S optimizer steps completed, before step S runs: the
 last step line printed is S-1. This module only reads the environment and
@@ -42,9 +44,11 @@ class Faults:
                 raise ValueError(f"{name}={value!r} is not an integer") from None
 
         first = env.get("NANOD_ATTEMPT", "").strip() in ("", "1") or env.get("NANOD_FAULT_REPEAT", "") == "1"
-        return cls(oom_above=num("NANOD_FAULT_OOM_ABOVE"),
-                   crash_at=num("NANOD_FAULT_CRASH_AT_STEP") if first else None,
-                   hang_at=num("NANOD_FAULT_HANG_AT_STEP") if first else None,
+        only = num("NANOD_FAULT_RANK")
+        here = only is None or only == (num("RANK") or 0)
+        return cls(oom_above=num("NANOD_FAULT_OOM_ABOVE") if here else None,
+                   crash_at=num("NANOD_FAULT_CRASH_AT_STEP") if first and here else None,
+                   hang_at=num("NANOD_FAULT_HANG_AT_STEP") if first and here else None,
                    slow_save_ms=num("NANOD_FAULT_SLOW_SAVE_MS") or 0,
                    vram_gb=_gib(env.get("NANOD_FAULT_VRAM_GB", "")))
 

@@ -7,7 +7,9 @@ The one definition of the on-disk checkpoint format, nanochat's layout:
 
 A checkpoint is *complete* only when its meta file exists and parses as a JSON
 object and the model file (and each rank's optimizer file, where expected) is
-there. Writers write every file to a hidden temp name, fsync and rename, meta
+there. A checkpoint saved by a group of N ranks under torchrun records
+`nanod.world_size` (and `nanod.optim_ranks`) N in its meta, so it is complete
+only with all N `optim_<step>_rank<r>.pt` files. Writers write every file to a hidden temp name, fsync and rename, meta
 last. Both resume (trainer) and retention (daemon) call `is_complete`, so there
 is one idea of "complete". This module never deletes anything.
 """
@@ -91,10 +93,17 @@ def read_meta(ckpt_dir: Path, step: int) -> dict | None:
 
 
 def expected_ranks(meta: dict) -> int:
-    """How many optimizer files a checkpoint should have (nanod's trainer records it)."""
+    """How many optimizer files a checkpoint should have (nanod's trainer records it: one per rank)."""
     nanod = meta.get("nanod") if isinstance(meta.get("nanod"), dict) else {}
-    ranks = nanod.get("optim_ranks", 1)
-    return ranks if isinstance(ranks, int) and ranks >= 0 else 1
+    ranks = nanod.get("optim_ranks", nanod.get("world_size", 1))
+    return ranks if isinstance(ranks, int) and not isinstance(ranks, bool) and ranks >= 0 else 1
+
+
+def world_size(meta: dict) -> int:
+    """How many ranks saved the checkpoint (1 for a single process and for metas older than ranks)."""
+    nanod = meta.get("nanod") if isinstance(meta.get("nanod"), dict) else {}
+    size = nanod.get("world_size", 1)
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else 1
 
 
 def why_incomplete(ckpt_dir: Path, step: int, *, optim_ranks: int | None = None) -> str | None:

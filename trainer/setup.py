@@ -6,10 +6,18 @@ data, no checkpoint to start mid/sft from, a resume whose model shape,
 sequence length or total batch differs from the checkpoint, a total batch
 that device_batch_size x row length does not divide. The result is a `Plan`;
 train.py builds the model from it and runs the loop.
+
+Under torchrun each rank resolves its own plan (rank 0 first: it may generate
+the embedded data and train the tokenizer), with the world size in the batch
+arithmetic: one optimizer step is grad_accum x world_size x device_batch_size
+rows. A resume may change the world size as it may change device_batch_size:
+the rows of each step and the optimizer state are the same (see train.py).
+Only rank 0 prints the notes of this module.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 import time
@@ -51,14 +59,16 @@ class Plan:
     resume: dict | None = None     # {"step", "model", "optim", "meta"} when resuming
     init: dict | None = None       # {"phase", "step", "model", "meta"} for mid/sft started fresh
     notes: list[str] = field(default_factory=list)
+    world_size: int = 1            # ranks under torchrun; each step takes world_size x device_batch_size rows a pass
+    rank: int = 0
 
 
-def resolve_plan(phase: str, opts: Options, given: dict) -> Plan:
+def resolve_plan(phase: str, opts: Options, given: dict, *, world_size: int = 1, rank: int = 0) -> Plan:
     root = layout.base_dir()
     tag = resolve_model_tag(phase, opts, given, root)
     ckpt_dir = layout.checkpoint_dir(root, phase, tag)
     data_path, source = resolve_data(phase, opts, root)
-    resume = find_resume(phase, opts, ckpt_dir)
+    resume = find_resume(phase, opts, ckpt_dir, rank=rank)
     init = None if resume else find_init(phase, opts, root, tag)
     tok = resolve_tokenizer(phase, opts, root, source)
     src_meta = (resume or init or {}).get("meta") or {}
@@ -87,24 +97,43 @@ def resolve_plan(phase: str, opts: Options, given: dict) -> Plan:
     if total is None:  # sft: nanochat counts examples per step
         total = opts.target_examples_per_step * seq_len
     row_name = "max_tokens" if phase == "sft" else "max_seq_len"
-    if total % (B * seq_len):
-        raise BadArgs(f"total_batch_size {total} is not a multiple of device_batch_size x {row_name} = "
-                      f"{B} x {seq_len} = {B * seq_len}; pick a device_batch_size that divides it")
+    W = world_size
+    if total % (W * B * seq_len):
+        ranks = "world_size x " if W > 1 else ""
+        shown = f"{W} x " if W > 1 else ""
+        raise BadArgs(f"total_batch_size {total} is not a multiple of {ranks}device_batch_size x {row_name} = "
+                      f"{shown}{B} x {seq_len} = {W * B * seq_len}; pick a device_batch_size that divides it")
     if resume:
         meta = resume["meta"]
         check_same(resume, row_name, seq_len, meta.get("max_tokens" if phase == "sft" else "max_seq_len"))
         check_same(resume, "total_batch_size", total, meta.get("total_batch_size"))
-    grad_accum = total // (B * seq_len)
+        then = layout.world_size(meta)
+        if then != W:
+            say(f"note: resuming step {resume['step']} of {then} rank{'s' if then > 1 else ''} with {W}: the same rows "
+                f"and optimizer state each step; the gradient sums in another order, so the weights are no longer "
+                f"bitwise those of an uninterrupted {then}-rank run")
+    grad_accum = total // (W * B * seq_len)
     n_iter = opts.num_iterations if opts.num_iterations > 0 else default_iterations(phase, opts, cfg, total, seq_len, source, tok)
     schedule = {k: pick(k, None) for k in ("init_lr_frac", "warmup_ratio", "warmdown_ratio", "final_lr_frac")}
     plan = Plan(phase=phase, opts=opts, given=given, root=root, model_tag=tag, ckpt_dir=ckpt_dir,
                 data_path=data_path, source=source, tok=tok, model_config=cfg, seq_len=seq_len,
                 device_batch_size=B, total_batch_size=total, grad_accum=grad_accum, num_iterations=n_iter,
-                schedule=schedule, resume=resume, init=init, start_step=resume["step"] if resume else 0)
+                schedule=schedule, resume=resume, init=init, start_step=resume["step"] if resume else 0,
+                world_size=W, rank=rank)
     if resume and resume["meta"].get("num_iterations") not in (None, n_iter):
-        print(f"warning: num_iterations is {n_iter} now, {resume['meta']['num_iterations']} in the checkpoint; "
-              "the lr schedule follows the new value", file=sys.stderr, flush=True)
+        say(f"warning: num_iterations is {n_iter} now, {resume['meta']['num_iterations']} in the checkpoint; "
+            "the lr schedule follows the new value")
     return plan
+
+
+def say(message: str) -> None:
+    """A note on stderr; under torchrun from rank 0 only (the other ranks' would repeat it)."""
+    if not _quiet():
+        print(message, file=sys.stderr, flush=True)
+
+
+def _quiet() -> bool:
+    return os.environ.get("RANK", "0").strip() not in ("", "0")
 
 
 def check_same(resume: dict, what: str, now, then) -> None:
@@ -157,23 +186,22 @@ def resolve_data(phase: str, opts: Options, root: Path) -> tuple[Path, DocSource
     return path, source
 
 
-def find_resume(phase: str, opts: Options, ckpt_dir: Path) -> dict | None:
+def find_resume(phase: str, opts: Options, ckpt_dir: Path, *, rank: int = 0) -> dict | None:
     value = opts.resume_from_step
     if value == "-1":
         if layout.list_steps(ckpt_dir):
-            print(f"warning: starting {phase} fresh; checkpoints in {ckpt_dir} will be overwritten as steps are saved",
-                  file=sys.stderr, flush=True)
+            say(f"warning: starting {phase} fresh; checkpoints in {ckpt_dir} will be overwritten as steps are saved")
         return None
     if value == "auto":
-        found = newest_usable(ckpt_dir, "cpu")
+        found = newest_usable(ckpt_dir, "cpu", rank=rank, quiet=_quiet())
         if found is None:
-            print(f"no checkpoint to resume from in {ckpt_dir}; starting fresh", file=sys.stderr, flush=True)
+            say(f"no checkpoint to resume from in {ckpt_dir}; starting fresh")
             return None
         step, model, optim, meta = found
     else:
         step = int(value)
         try:
-            model, optim, meta = load_checkpoint(ckpt_dir, step, "cpu")
+            model, optim, meta = load_checkpoint(ckpt_dir, step, "cpu", rank=rank)
         except ValueError as e:
             raise BadArgs(f"cannot resume: {e}") from None
     if (meta.get("nanod") or {}).get("phase", phase) != phase:
@@ -190,7 +218,7 @@ def find_init(phase: str, opts: Options, root: Path, tag: str) -> dict | None:
     for p in prev:
         d = layout.checkpoint_dir(root, p, tag)
         if opts.init_step == "auto":
-            found = newest_usable(d, "cpu", with_optim=False)
+            found = newest_usable(d, "cpu", with_optim=False, quiet=_quiet())
             if found:
                 step, model, _, meta = found
                 return {"phase": p, "step": step, "model": model, "meta": meta, "dir": d}
@@ -213,8 +241,7 @@ def resolve_tokenizer(phase: str, opts: Options, root: Path, source: DocSource) 
         t0 = time.monotonic()
         tok = train_tokenizer(_tokenizer_texts(source), opts.vocab_size)
         save_tokenizer(tok, path)
-        print(f"trained tokenizer ({tok.get_vocab_size()} tokens) in {time.monotonic() - t0:.1f}s: {path}",
-              file=sys.stderr, flush=True)
+        say(f"trained tokenizer ({tok.get_vocab_size()} tokens) in {time.monotonic() - t0:.1f}s: {path}")
     try:
         return ChatTokenizer(load_tokenizer(path))
     except Exception as e:

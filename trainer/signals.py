@@ -29,3 +29,29 @@ class StopFlag:
 
     def requested(self) -> bool:
         return self.signum is not None
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> bool:
+    """Under torchrun: this rank gets SIGKILL the moment its launcher dies (PR_SET_PDEATHSIG).
+
+    torchrun starts each rank in a session of its own, so signals to torchrun's
+    process group never reach it; without this a torchrun killed with SIGKILL
+    would leave ranks training on GPUs whose locks are free. Returns False where
+    it cannot be set (not Linux) or the parent is already gone, in which case the
+    rank should not start at all.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return True  # not a torchrun rank: the daemon watches it directly
+    parent = os.getppid()
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return True  # not supported: the keeper's orphan sweep still covers it
+    except (OSError, AttributeError):
+        return True
+    # the launcher may have died between starting us and the prctl: then nobody would kill us
+    return os.getppid() == parent

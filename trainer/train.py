@@ -11,6 +11,17 @@ Signals only set a flag (StopFlag); the loop finishes the step it is in, saves
 an emergency checkpoint at the current step, waits for it and exits
 INTERRUPTED. A second signal exits at once without saving. An out-of-memory
 error releases memory and exits OOM with one line naming device_batch_size.
+
+Under torchrun (trainer/distributed.py) the ranks are data-parallel replicas.
+Every rank reads the same global stream of rows; each pass takes world_size x
+device_batch_size rows and rank r trains on the r-th device_batch_size of them,
+so the ranks' rows are disjoint and the data position in the meta is one global
+position. Each rank's loss is summed over its targets and divided by the
+target count of the whole step (all ranks), so the summed gradient is the
+one-process gradient up to summation order. The ranks agree at each step
+whether to stop (any rank signalled) and, after the passes, whether any rank
+ran out of memory (then all exit OOM, so the daemon backs off for all). Rank 0
+prints the step lines and notes; every rank saves its part of a checkpoint.
 """
 from __future__ import annotations
 
@@ -29,6 +40,7 @@ import torch.nn.functional as F
 from trainer import exitcodes, layout
 from trainer.checkpoint import CheckpointWriter, DiskWaitAborted, remove_stale_temps, wait_for_disk
 from trainer.data import SFTLoader, StreamLoader
+from trainer.distributed import Group, pick_device
 from trainer.faults import Faults
 from trainer.model import GPT
 from trainer.optim import build_optimizers
@@ -55,17 +67,12 @@ def muon_momentum(step: int, phase: str) -> float:
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def pick_device(device_type: str) -> torch.device:
-    if device_type:
-        return torch.device(device_type)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class Trainer:
-    def __init__(self, plan: Plan, stop: StopFlag, faults: Faults):
+    def __init__(self, plan: Plan, stop: StopFlag, faults: Faults, group: Group | None = None):
         self.plan, self.stop, self.faults = plan, stop, faults
+        self.group = group = group or Group()
         o = plan.opts
-        self.device = pick_device(o.device_type)
+        self.device = group.device or pick_device(o.device_type)
         cuda = self.device.type == "cuda"
         faults.limit_vram(self.device)
         torch.manual_seed(o.seed)
@@ -86,15 +93,17 @@ class Trainer:
             if isinstance(rng.get("torch"), torch.Tensor):
                 torch.set_rng_state(rng["torch"])
             if cuda and rng.get("cuda"):
-                torch.cuda.set_rng_state_all(rng["cuda"])
+                # this rank's own GPU only: touching the others would open a CUDA context on each of them
+                torch.cuda.set_rng_state(rng["cuda"][0], self.device)
             data_state = r["meta"].get("dataloader_state_dict")
             self.loop_state.update(r["meta"].get("loop_state") or {})
-            print(f"resumed from step {r['step']} ({layout.model_path(r['dir'], r['step'])})", file=sys.stderr, flush=True)
+            self.note(f"resumed from step {r['step']} ({layout.model_path(r['dir'], r['step'])})")
         elif plan.init:
             i = plan.init
             model.load_state_dict(i["model"])
-            print(f"initialised from {i['phase']} step {i['step']} ({layout.model_path(i['dir'], i['step'])})",
-                  file=sys.stderr, flush=True)
+            self.note(f"initialised from {i['phase']} step {i['step']} ({layout.model_path(i['dir'], i['step'])})")
+        # every replica starts from rank 0's weights, whatever each rank initialised or loaded
+        group.broadcast_(list(model.state_dict().values()))
         self.init_from = ({"phase": plan.init["phase"], "step": plan.init["step"]} if plan.init
                           else (plan.resume["meta"].get("nanod") or {}).get("init_from") if plan.resume else None)
         plan.resume = plan.init = None  # the loaded state dicts are not needed any more
@@ -107,30 +116,49 @@ class Trainer:
             self.forward = model
         self.autocast = (torch.amp.autocast("cuda", dtype=getattr(torch, o.dtype))
                          if cuda and o.dtype != "float32" else nullcontext())
-        self.writer = CheckpointWriter(should_abort=stop.requested, slow_ms=faults.slow_save_ms)
+        self.writer = CheckpointWriter(should_abort=stop.requested, slow_ms=faults.slow_save_ms, group=group)
         self.step = plan.start_step
         self.last_save_time = time.monotonic()
         self.saved_steps = {plan.start_step} if plan.start_step else set()
 
+    def note(self, message: str) -> None:
+        """A line on stderr, from rank 0 only (the others would repeat it)."""
+        if self.group.is_main:
+            print(message, file=sys.stderr, flush=True)
+
     # ------------------------------------------------------------------ one step
     def train_step(self) -> float:
-        p = self.plan
+        p, group = self.plan, self.group
         lrm = lr_multiplier(self.step, p.num_iterations, p.schedule)
         self.optim.set_lr_multiplier(lrm)
         self.optim.set_muon_momentum(muon_momentum(self.step, p.phase))
-        batches = [self.loader.next_batch(p.device_batch_size) for _ in range(p.grad_accum)]
+        B, first = p.device_batch_size, group.rank * p.device_batch_size
+        # every rank reads the step's rows of all ranks: the target count is global, the position one
+        batches = [self.loader.next_batch(group.world_size * B) for _ in range(p.grad_accum)]
         n_targets = max(1, sum(int((y != -1).sum()) for _, y in batches))
         total = torch.zeros((), device=self.device)
-        for x, y in batches:
-            self.faults.before_forward(p.device_batch_size)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast:
-                logits = self.forward(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
-                                   reduction="sum") / n_targets
-            loss.backward()
-            total += loss.detach()
-            del logits, loss
+        try:
+            for x, y in batches:
+                x, y = x[first:first + B], y[first:first + B]
+                self.faults.before_forward(B)
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                with self.autocast:
+                    logits = self.forward(x)
+                loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
+                                       reduction="sum") / n_targets
+                loss.backward()
+                total += loss.detach()
+                del logits, loss
+            out_of_memory = None
+        except torch.OutOfMemoryError as e:
+            if not group.active:
+                raise
+            out_of_memory = e
+            self.optim.zero_grad()
+        if group.any(out_of_memory is not None):  # one rank out of memory: all back off together
+            raise out_of_memory or torch.OutOfMemoryError(f"another rank ran out of memory at step {self.step}")
+        grads = [q.grad for q in self.model.parameters() if q.grad is not None]
+        group.sum_(grads + [total.view(1)])
         if p.opts.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.opts.grad_clip)
         self.writer.wait_copied()  # a save in flight must have its copy before the weights move
@@ -146,7 +174,8 @@ class Trainer:
                 f"lrm: {self.lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {int(tokens / max(dt, 1e-9)):,}")
         if self.device.type == "cuda":
             line += f" | peak_mem: {torch.cuda.max_memory_allocated() / 2**30:.2f}GiB"
-        print(line, flush=True)
+        if self.group.is_main:
+            print(line, flush=True)
 
     # ------------------------------------------------------------------ saving
     def meta(self) -> dict:
@@ -164,8 +193,9 @@ class Trainer:
             "schedule": {**p.schedule, "muon_momentum_warmup": 0 if p.phase == "sft" else MUON_MOMENTUM_WARMUP},
             "dataloader_state_dict": self.loader.state_dict(),
             "loop_state": dict(self.loop_state),
-            "nanod": {"format": 1, "optim_ranks": 1, "phase": p.phase, "model_tag": p.model_tag,
-                      "flags_given": p.given, "init_from": self.init_from, "data": str(p.data_path), "seed": p.opts.seed},
+            "nanod": {"format": 1, "optim_ranks": p.world_size, "world_size": p.world_size, "phase": p.phase,
+                      "model_tag": p.model_tag, "flags_given": p.given, "init_from": self.init_from,
+                      "data": str(p.data_path), "seed": p.opts.seed},
         }
         if p.phase == "sft":
             meta["max_tokens"] = p.seq_len
@@ -177,11 +207,13 @@ class Trainer:
         p = self.plan
         estimate = self.writer.last_bytes or 3 * sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
         wait_for_disk(p.ckpt_dir, self.step, estimate, self.stop.requested)
-        payload = {"optimizer": self.optim.state_dict(),
-                   "rng": {"torch": torch.get_rng_state(),
-                           "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}}
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []}
+        # the optimizer is replicated: rank 0's file holds it whole; another rank's holds its own RNG
+        main = self.group.is_main
+        payload = {"optimizer": self.optim.state_dict(), "rng": rng} if main else {"rank": self.group.rank, "rng": rng}
         # references only: the writer copies them before the next optimizer step changes them
-        self.writer.submit(p.ckpt_dir, self.step, self.model.state_dict(), payload, self.meta())
+        self.writer.submit(p.ckpt_dir, self.step, self.model.state_dict() if main else None, payload, self.meta())
         self.saved_steps.add(self.step)
         self.last_save_time = time.monotonic()
         if wait:
@@ -200,16 +232,18 @@ class Trainer:
         p = self.plan
         p.ckpt_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(p.ckpt_dir)
-        print(f"{p.phase}: {p.model_config.n_layer} layers x {p.model_config.n_embd} wide, "
-              f"{self.model.num_params():,} params, vocab {p.model_config.vocab_size}; "
-              f"{p.num_iterations} steps of {p.total_batch_size:,} tokens = {p.grad_accum} x "
-              f"{p.device_batch_size} rows x {p.seq_len}; device {self.device}; checkpoints {p.ckpt_dir}",
-              file=sys.stderr, flush=True)
+        ranks = f"{p.world_size} ranks x " if p.world_size > 1 else ""
+        where = f"{p.world_size} ranks on {self.group.backend}, rank 0 on {self.device}" if p.world_size > 1 \
+            else f"device {self.device}"
+        self.note(f"{p.phase}: {p.model_config.n_layer} layers x {p.model_config.n_embd} wide, "
+                  f"{self.model.num_params():,} params, vocab {p.model_config.vocab_size}; "
+                  f"{p.num_iterations} steps of {p.total_batch_size:,} tokens = {p.grad_accum} x {ranks}"
+                  f"{p.device_batch_size} rows x {p.seq_len}; {where}; checkpoints {p.ckpt_dir}")
         try:
             while self.step < p.num_iterations:
                 # faults first: a hang must not answer a SIGTERM that is already pending
                 self.faults.before_step(self.step, p.device_batch_size)
-                if self.stop.requested():
+                if self.group.any(self.stop.requested()):  # every rank stops at the same step
                     return self.stop_now()
                 t0 = time.perf_counter()
                 loss = self.train_step()
@@ -239,21 +273,20 @@ class Trainer:
             failed = False
         if failed:
             return self.release_after_oom()
-        print(f"{p.phase} complete: step {self.step} saved in {p.ckpt_dir}", file=sys.stderr, flush=True)
+        self.note(f"{p.phase} complete: step {self.step} saved in {p.ckpt_dir}")
         return exitcodes.OK
 
     def stop_now(self) -> int:
-        name = signal.Signals(self.stop.signum).name
+        name = signal.Signals(self.stop.signum).name if self.stop.signum else "another rank's signal"
         try:
-            if self.step in self.saved_steps and layout.is_complete(self.plan.ckpt_dir, self.step):
-                self.writer.wait()
-            else:
+            self.writer.wait()  # a save in flight lands first (under torchrun, every rank's writer together)
+            done = self.step in self.saved_steps and layout.is_complete(self.plan.ckpt_dir, self.step)
+            if not self.group.all(done):  # every rank saves, or none does
                 self.save(wait=True)
         except DiskWaitAborted as e:
             print(f"interrupted by {name}: {e}", file=sys.stderr, flush=True)
             return exitcodes.INTERRUPTED
-        print(f"interrupted by {name}: emergency checkpoint step {self.step} saved in {self.plan.ckpt_dir}",
-              file=sys.stderr, flush=True)
+        self.note(f"interrupted by {name}: emergency checkpoint step {self.step} saved in {self.plan.ckpt_dir}")
         return exitcodes.INTERRUPTED
 
     def release_after_oom(self) -> int:

@@ -129,6 +129,8 @@ def render_text(view: dict, width: int = 80, color: bool = False) -> str:
     if ram.get("total"):
         running = current is not None and current["state"] in ("running", "paused")
         rss = f" · trainer {_size(health['trainer_rss'])}" if health.get("trainer_rss") and running else ""
+        if rss and len(current.get("gpus") or []) > 1 and health.get("trainer_processes"):
+            rss += f" ({health['trainer_processes']} processes)"  # summed over torchrun's group
         sc.add(("ram    ", "bold"), (f"{_size(ram['available'])} available of {_size(ram['total'])}{rss}", None))
     sc.add(("disk   ", "bold"), (_disk_text(view["disk"]), None))
     for w in health.get("warnings") or []:
@@ -194,6 +196,8 @@ def _job_block(sc: _Screen, j: dict, daemon_up: bool, now: float) -> None:
         running = a.get("pid") and not a.get("ended_at")
         head.append((f" · attempt {a['n']}" + (f", pid {a['pid']}" if running else ""), None))
     sc.add(*head)
+    if len(j.get("gpus") or []) > 1:
+        sc.add((f"  gpus {', '.join(map(str, j['gpus']))} · one rank each through torchrun", None))
     if not daemon_up and j["state"] in ("running", "backing_off", "waiting"):
         alive = a.get("alive")
         note = "" if alive is None else "; its trainer is still running" if alive else "; its trainer is not running"

@@ -10,6 +10,11 @@ attempt's processes, even when the daemon is SIGKILLed, and a restarted
 daemon cannot start a second training beside a survivor. Nobody ever calls
 LOCK_UN on it: that would release the child's hold too.
 
+A job on several GPUs takes every one of their locks, in index order, all or
+none (`try_acquire_all`): it never holds one lock while it waits for another,
+so two jobs (or a job and `nanod exec`) never deadlock over them, and a job
+that cannot have them all waits naming the holder of the first one it lacks.
+
 filelock 4.x leaves the lock file in place on Unix (the inode stays shared by
 waiters), and so do we. Who holds the lock is written beside it in
 `gpu<N>.lock.holder.json` ({pid, command, home, job, since}); when that file is
@@ -65,6 +70,51 @@ def acquire(lock_path: Path, timeout: float | None = None, poll: float = 0.1,
         if deadline is not None and time.monotonic() >= deadline:
             return None
         time.sleep(poll)
+
+
+def try_acquire_all(lock_paths: list[Path]) -> tuple[list[int] | None, Path | None]:
+    """Every lock, taken in the order given (callers give index order), or none of them.
+
+    Returns (descriptors, None), or (None, the first path that is held). An
+    OSError (a lock that cannot be opened) releases what was taken and propagates.
+    """
+    fds: list[int] = []
+    try:
+        for path in lock_paths:
+            fd = try_acquire(path)
+            if fd is None:
+                release_all(fds)
+                return None, Path(path)
+            fds.append(fd)
+    except BaseException:
+        release_all(fds)
+        raise
+    return fds, None
+
+
+def acquire_all(lock_paths: list[Path], timeout: float | None = None, poll: float = 0.1,
+                on_wait=None) -> list[int] | None:
+    """Wait for every lock (all or none at each try, so nothing is held while waiting); None on timeout.
+
+    on_wait(path, holder words) is called once, for the first lock found held.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    told = False
+    while True:
+        fds, held = try_acquire_all(lock_paths)
+        if fds is not None:
+            return fds
+        if on_wait is not None and not told:
+            on_wait(held, describe_holder(held))
+            told = True
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        time.sleep(poll)
+
+
+def release_all(fds: list[int]) -> None:
+    for fd in fds:
+        release(fd)
 
 
 def release(fd: int) -> None:

@@ -1,8 +1,8 @@
 """Trainer `nanochat`: run the phase scripts of a user's own nanochat checkout.
 
 What it does: builds the command line of one attempt (`python -m scripts.base_train`
-etc. from the checkout, through torchrun when nproc_per_node > 1) in the flag style
-the checkout understands, reads nanochat's step lines, classifies how an attempt
+etc. from the checkout; a job on several GPUs gets torchrun around it from the
+launcher, daemon/launchers/torchrun.py) in the flag style the checkout understands, reads nanochat's step lines, classifies how an attempt
 ended, and says which checkpoints are complete (trainer/layout.is_complete, with
 the optimizer files each phase script really writes).
 
@@ -255,7 +255,7 @@ class NanochatTrainer:
 
     def optim_ranks(self, phase: str) -> int:
         """How many optim_<step>_rank<r>.pt files a complete checkpoint of this phase has."""
-        nproc = self.spec.nanochat.nproc_per_node if self.spec is not None else 1
+        nproc = self.spec.world_size if self.spec is not None else 1   # one rank per GPU of the job
         try:
             saving = self.script(phase).optim_saving
         except (NanochatRefused, OSError):
@@ -325,11 +325,9 @@ class NanochatTrainer:
                                  f"does not record it")
             flags["resume_from_step"] = resume_from
 
+        # one process's command; for several GPUs the launcher runs it through torchrun
+        # (`python -m torch.distributed.run`: the checkout's own torch), one rank per GPU
         argv = [str(python), "-m", f"scripts.{SCRIPTS[phase]}"]
-        nproc = spec.nanochat.nproc_per_node
-        if nproc > 1:  # torchrun is `python -m torch.distributed.run`: the checkout's own torch
-            argv = [str(python), "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={nproc}", "-m", f"scripts.{SCRIPTS[phase]}"]
         argv += format_flags(flags, style=style, script=script)
         # (attempt_env adds the job's and the phase's env over these)
         env = {"PYTHONUNBUFFERED": "1",  # else stdout into a file is block-buffered: no progress for minutes
