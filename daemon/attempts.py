@@ -364,8 +364,8 @@ class Attempts:
             a.last_ckpt = newest
             self.queue.set_checkpoint(rec, a.phase, newest, layout.size_of(a.ckpt_dir, newest))
         tail = read_tail(self.settings.home / att.log)
-        error = last_error_line(tail)
         code = a.proc.returncode
+        error = last_error_line(tail, code)
         if code is None:  # a survivor, or an attempt that ended while no daemon watched: no exit code
             done = a.total is not None and newest == a.total
             outcome = Outcome.COMPLETED if done else Outcome.INTERRUPTED if a.stop else Outcome.CRASHED
