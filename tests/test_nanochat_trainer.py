@@ -379,6 +379,27 @@ def test_checkpoint_missing_a_ranks_optimizer_is_incomplete(tmp_path, dash):
     assert not ad.is_complete(d, 4)
 
 
+def test_an_optimizer_file_cut_short_by_a_kill_is_not_complete(tmp_path, dash):
+    """nanochat writes model, meta, then optimizer straight to the final names: a kill -9 during the
+    optimizer's torch.save leaves a meta beside half a zip archive (seen under the real HEAD base_train,
+    which then crash-looped on its resume)."""
+    import io
+    import zipfile
+    ad = adapter_for(tmp_path, job(dash, [BASE]), dash)
+    d = tmp_path / "nc/base_checkpoints/d4"
+    write_checkpoint(d, 4)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:  # what torch.save writes: a zip archive, its end record last
+        z.writestr("archive/data.pkl", b"x" * 5000)
+    for step in (4, 8):
+        write_checkpoint(d, step)
+        layout.model_path(d, step).write_bytes(buf.getvalue())
+        layout.optim_path(d, step).write_bytes(buf.getvalue())
+    layout.optim_path(d, 8).write_bytes(buf.getvalue()[:3000])
+    assert ad.is_complete(d, 4) and not ad.is_complete(d, 8) and ad.latest_complete(d) == 4
+    assert "optim_000008_rank0.pt is cut short" in layout.why_incomplete(d, 8)
+
+
 def test_configurator_sft_checkpoint_is_complete_without_optimizer_files(tmp_path, guide):
     ad = adapter_for(tmp_path, job(guide, [U_BASE, MID, U_SFT], nanochat={"nproc_per_node": 2}), guide)
     assert (ad.optim_ranks("base"), ad.optim_ranks("mid"), ad.optim_ranks("sft")) == (2, 1, 0)
@@ -542,6 +563,16 @@ def test_nanod_check_fails_the_guides_plan_per_phase_and_passes_it_without_those
     assert [c.line() for c in checks.values() if c.level == "FAIL"] == []
     # mid_train and chat_sft cannot save before their end: nothing to set, so no "set save_every" FAIL
     assert checks["mid save_every"].message.startswith("the mid script saves only at its end: a crash restarts")
+
+
+def test_the_shipped_nanochat_example_is_the_guides_plan_and_the_guide_era_checkout_accepts_it(tmp_path, guide):
+    import yaml
+    from conftest import ROOT
+    data = yaml.safe_load((ROOT / "jobs/examples/8gb-nanochat.yaml").read_text())
+    data["nanochat"]["repo"] = str(guide)
+    spec = parse_job(data, default_name="x")
+    assert spec.phases == guide_plan(guide, runnable=True).phases   # the guide's flags less those none has
+    check_job(spec, settings_for(tmp_path, guide))
 
 
 def test_nanod_check_warns_that_head_sft_cannot_run_with_compiling_disabled(tmp_path, head):
