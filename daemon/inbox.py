@@ -16,8 +16,9 @@ daemon/inbox_files.py's; the YAML is checked for bombs before it is built
 (daemon/spec.py); a bug in either costs one file, never the daemon. A job
 its trainer would refuse (daemon.trainers.check_job: for nanochat a flag its
 script does not have, a checkout the operator has not allowed) is rejected
-here too, not after hours of an earlier phase. A rejection writes `<file>.rejected` (one line, 0600) beside the file, which stays;
-editing the file makes it read again.
+here too, not after hours of an earlier phase. A rejection writes
+`<file>.rejected` (one line, 0600) beside the file, which stays; editing the
+file makes it read again.
 Promise 12: an inbox writable by other users is refused at start.
 
 This module decides nothing about jobs: duplicate names against existing jobs,

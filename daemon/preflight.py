@@ -329,7 +329,8 @@ def _check_flags(spec, phase_index: int) -> Check | None:
             return None  # no script to read: the checkout check says why
         if problems:
             return Check(f"{p.phase} flags", FAIL, "; ".join(problems))
-        return Check(f"{p.phase} flags", OK, f"{len(p.args)} flags known to scripts/{_script_name(p.phase)}.py")
+        from daemon.trainers.nanochat_script import SCRIPTS
+        return Check(f"{p.phase} flags", OK, f"{len(p.args)} flags known to scripts/{SCRIPTS[p.phase]}.py")
     opts = _options()
     if opts is None:
         return None
@@ -358,11 +359,6 @@ def _saves_periodically(spec, phase_index: int) -> bool:
         return "save_every" in phase_script(spec, spec.phases[phase_index].phase).options
     except (ValueError, OSError):
         return True
-
-
-def _script_name(phase: str) -> str:
-    from daemon.trainers.nanochat_script import SCRIPTS
-    return SCRIPTS[phase]
 
 
 def _check_vram(settings, spec, phase_index, flags, device_batch_size, gpus) -> Check:
