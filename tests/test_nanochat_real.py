@@ -67,6 +67,15 @@ def events(rec: dict, kind: str) -> list[str]:
     return [e["message"] for e in rec["events"] if e["kind"] == kind]
 
 
+def start_plan(tmp_path, start_daemon, era: str):
+    """A daemon over the era's runnable checkout and a fresh data dir, the runnable guide plan submitted as
+    job `era`, and its first base attempt killed once a checkpoint is complete: (daemon, that step)."""
+    repo, base = stable_checkout(era), copy_base(tmp_path / "nc")
+    d = start_daemon(repo, env=run_env(base), base=base)
+    d.submit(era, yaml.safe_dump(guide_plan(repo, era, verbatim=False)))
+    return d, kill_after_first_checkpoint(d, era, 1)
+
+
 def kill_after_first_checkpoint(d, name: str, n: int) -> int:
     """kill -9 attempt n of base once a checkpoint is complete and before its last; the step it had."""
     att = d.wait_attempt(name, n, timeout=120)
@@ -135,11 +144,7 @@ def test_the_guides_plan_verbatim_is_refused_at_submission_in_check_and_in_the_i
 @needs_interpreter
 @pytest.mark.slow
 def test_guide_era_runs_the_guides_plan_to_done_through_a_kill_in_base_and_one_in_mid(tmp_path, start_daemon):
-    repo = stable_checkout("guide")
-    base = copy_base(tmp_path / "nc")
-    d = start_daemon(repo, env=run_env(base), base=base)
-    d.submit("guide", yaml.safe_dump(guide_plan(repo, "guide", verbatim=False)))
-    killed_at = kill_after_first_checkpoint(d, "guide", 1)
+    d, killed_at = start_plan(tmp_path, start_daemon, "guide")
     kill_after_first_step(d, "guide", 3)          # attempt 2 resumes base and completes it; 3 is mid's first
     rec = d.wait_state("guide", "done", timeout=900)
     atts = rec["attempts"]
@@ -168,11 +173,7 @@ def test_guide_era_runs_the_guides_plan_to_done_through_a_kill_in_base_and_one_i
 @needs_interpreter
 @pytest.mark.slow
 def test_head_runs_base_then_sft_to_done_with_nanods_defaults_through_a_kill_in_base(tmp_path, start_daemon):
-    repo = stable_checkout("head")
-    base = copy_base(tmp_path / "nc")
-    d = start_daemon(repo, env=run_env(base), base=base)
-    d.submit("head", yaml.safe_dump(guide_plan(repo, "head", verbatim=False)))
-    killed_at = kill_after_first_checkpoint(d, "head", 1)
+    d, killed_at = start_plan(tmp_path, start_daemon, "head")
     rec = d.wait_state("head", "done", timeout=900)
     atts = rec["attempts"]
     assert [(a["phase"], a["outcome"]) for a in atts] == [("base", "crashed"), ("base", "completed"),
