@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,14 @@ def run_env(base: Path) -> dict[str, str]:
     """The environment the real scripts need offline, for a daemon (its attempts inherit it)."""
     for key in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TMPDIR"):
         Path(RUN_ENV[key]).mkdir(parents=True, exist_ok=True)
+    # wandb (imported even with --run=dummy) leaves a few empty temp folders per launch, more when
+    # killed: clear the old ones, never another session's live ones
+    for junk in Path(RUN_ENV["TMPDIR"]).glob("tmp*wandb-*"):
+        try:
+            if time.time() - junk.stat().st_mtime > 3600:
+                shutil.rmtree(junk, ignore_errors=True)
+        except OSError:
+            pass
     return {**RUN_ENV, "HF_DATASETS_CACHE": str(base / "huggingface" / "datasets")}
 
 
