@@ -12,6 +12,7 @@ STAMP  := $(VENV)/.installed
 # The real nanochat (two commits, offline data) that the tests and benchmarks run, when it is
 # there; its own interpreter, built from its requirements.txt with the CPU torch first.
 NANOCHAT_SRC ?= ../shared/nanochat
+export NANOCHAT_SRC   # the tests find it there too (tests/nanochat_harness.py)
 NC_VENV      := .venv-nanochat
 NC_STAMP     := $(NC_VENV)/.installed
 

@@ -381,8 +381,8 @@ class Attempts:
         raw = read_tail(self.settings.home / att.log)
         # the trainer's own words: a torchrun group's report and chatter are the launcher's, not the trainer's
         tail = a.proc.trainer_tail(raw) if hasattr(a.proc, "trainer_tail") else raw
-        error = a.proc.error_line(raw) if hasattr(a.proc, "error_line") else last_error_line(raw)
         code = a.proc.returncode
+        error = a.proc.error_line(raw, code) if hasattr(a.proc, "error_line") else last_error_line(raw, code)
         if code is None:  # a survivor, or an attempt that ended while no daemon watched: no exit code
             done = a.total is not None and newest == a.total
             outcome = Outcome.COMPLETED if done else Outcome.INTERRUPTED if a.stop else Outcome.CRASHED

@@ -13,9 +13,12 @@ How a file is noticed:
 
 Promise 8: any file is survived. What may be opened and how much is read is
 daemon/inbox_files.py's; the YAML is checked for bombs before it is built
-(daemon/spec.py); a bug in either costs one file, never the daemon. A
-rejection writes `<file>.rejected` (one line, 0600) beside the file, which stays;
-editing the file makes it read again.
+(daemon/spec.py); a bug in either costs one file, never the daemon. A job
+its trainer would refuse (daemon.trainers.check_job: for nanochat a flag its
+script does not have, a checkout the operator has not allowed) is rejected
+here too, not after hours of an earlier phase. A rejection writes
+`<file>.rejected` (one line, 0600) beside the file, which stays; editing the
+file makes it read again.
 Promise 12: an inbox writable by other users is refused at start.
 
 This module decides nothing about jobs: duplicate names against existing jobs,
@@ -40,6 +43,7 @@ from daemon.config import Settings
 from daemon.inbox_files import (SILENT_FILESYSTEMS, FileChanged, InboxError, Signature, check_inbox_dir,
                                 filesystem_type, read_regular_file, signature)
 from daemon.spec import JobFileError, JobSpec, check_name, one_line, parse_job_bytes
+from daemon.trainers import check_job
 
 log = logging.getLogger(__name__)
 # watchdog logs this at ERROR when its reader thread wakes during a normal stop: noise in every shutdown
@@ -298,8 +302,11 @@ class Inbox:
             return self._reject_now(path, str(e), signature(st))
         try:
             spec = parse_job_bytes(raw, filename=name)
+            check_job(spec, self.settings)  # reads a nanochat checkout's scripts (never imports them)
         except JobFileError as e:
             return self._reject_now(path, str(e), sig)
+        except (ValueError, OSError) as e:  # the trainer's refusal: a flag its script does not have, ...
+            return self._reject_now(path, f"{name}: {e}", sig)
         except Exception as e:  # a parser bug must cost one file, not the daemon (promise 8)
             log.exception("inbox: reading %s", name)
             return self._reject_now(path, f"{name}: cannot be read as a job ({type(e).__name__}: {e})", sig)

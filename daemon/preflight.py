@@ -5,7 +5,10 @@ GPU free memory against an estimated need, free disk against the projected
 need of the checkpoints (the disk guard's number, `projected_disk_need`),
 writable directories, a sane save_every, the allocator setting
 (expandable_segments), unknown flags, and for mid/sft that the checkpoint it
-starts from exists or an earlier phase will produce it.
+starts from exists or an earlier phase will produce it. For runner nanochat:
+the checkout and its interpreter, each phase's flags against its script's own
+options (daemon/trainers/nanochat_check.py, what the inbox refuses), and a
+TORCH_COMPILE_DISABLE the checkout cannot run with.
 
 The memory and disk numbers are ESTIMATES from the plan's flags (nanochat's
 sizing), documented below; a FAIL on memory says that even the estimate does
@@ -264,7 +267,7 @@ def check_job(settings, spec, *, gpus=None) -> list:
     if gpus is None:
         from daemon.gpu.vram import read_gpus
         gpus = read_gpus()
-    checks = check_dirs(settings)
+    checks = check_dirs(settings) + [c for c in [_check_runner(settings, spec)] if c is not None]
     for i in range(len(spec.phases)):
         checks += check_phase(settings, spec, i, gpus=gpus, include_common=False)
     return checks
@@ -277,9 +280,10 @@ def check_phase(settings, spec, phase_index: int, *, device_batch_size: int | No
     flags = flags_with_checkpoint_shape(settings, spec, phase_index)
     checks = check_dirs(settings) if include_common else []
     checks.append(_check_flags(spec, phase_index))
+    checks.append(_check_compile(spec, phase_index))
     checks.append(_check_vram(settings, spec, phase_index, flags, device_batch_size, gpus))
     checks.append(_check_disk(settings, spec, phase_index))
-    checks.append(_check_save_every(flags, phase))
+    checks.append(_check_save_every(flags, phase, periodic=_saves_periodically(spec, phase_index)))
     checks.append(_check_allocator(spec, phase_index))
     if phase != "base":
         checks.append(_check_input(settings, spec, phase_index, flags))
@@ -307,16 +311,58 @@ def _check_writable(name: str, path: Path) -> Check:
     return Check(name, OK, f"{p}" + ("" if target == p else f" (will be created under {target})"))
 
 
-def _check_flags(spec, phase_index: int) -> Check | None:
-    opts = _options()
-    if opts is None or spec.runner != "builtin":
+def _check_runner(settings, spec) -> Check | None:
+    """A nanochat job's checkout, interpreter and environment (its flags: per phase, below)."""
+    if spec.runner != "nanochat":
         return None
+    from daemon.trainers.nanochat_check import check_checkout
+    try:
+        check_checkout(spec, settings)
+    except ValueError as e:
+        return Check("nanochat checkout", FAIL, str(e))
+    return Check("nanochat checkout", OK, f"{spec.nanochat.repo}, interpreter {spec.nanochat.python}")
+
+
+def _check_flags(spec, phase_index: int) -> Check | None:
     p = spec.phases[phase_index]
+    if spec.runner == "nanochat":  # against the phase script's own options (what check_job refuses)
+        from daemon.trainers.nanochat_check import list_flag_problems
+        try:
+            problems = list_flag_problems(spec, phase_index)
+        except (ValueError, OSError):
+            return None  # no script to read: the checkout check says why
+        if problems:
+            return Check(f"{p.phase} flags", FAIL, "; ".join(problems))
+        from daemon.trainers.nanochat_script import SCRIPTS
+        return Check(f"{p.phase} flags", OK, f"{len(p.args)} flags known to scripts/{SCRIPTS[p.phase]}.py")
+    opts = _options()
+    if opts is None:
+        return None
     unknown = sorted(k for k in p.args if opts.normalise_flag(k) not in opts.known_flags(p.phase))
     name = f"{p.phase} flags"
     if unknown:
         return Check(name, FAIL, f"unknown for the {p.phase} phase: {', '.join(unknown)}")
     return Check(name, OK, f"{len(p.args)} flags known")
+
+
+def _check_compile(spec, phase_index: int) -> Check | None:
+    """A nanochat checkout that compiles with fullgraph=True cannot run with TORCH_COMPILE_DISABLE=1."""
+    if spec.runner != "nanochat":
+        return None
+    from daemon.trainers.nanochat_check import compile_warning
+    warning = compile_warning(spec, phase_index)
+    return Check(f"{spec.phases[phase_index].phase} torch.compile", WARN, warning) if warning else None
+
+
+def _saves_periodically(spec, phase_index: int) -> bool:
+    """Can the phase save before its end? Not a nanochat script without save_every (mid_train, chat_sft)."""
+    if spec.runner != "nanochat":
+        return True
+    from daemon.trainers.nanochat_script import phase_script
+    try:
+        return "save_every" in phase_script(spec, spec.phases[phase_index].phase).options
+    except (ValueError, OSError):
+        return True
 
 
 def _check_vram(settings, spec, phase_index, flags, device_batch_size, gpus) -> Check:
@@ -370,7 +416,7 @@ def _check_disk(settings, spec, phase_index) -> Check:
     return Check(f"{phase} disk", OK, f"{format_size(free)} free, needs about {format_size(need)} ({why})")
 
 
-def _check_save_every(flags: dict, phase: str) -> Check:
+def _check_save_every(flags: dict, phase: str, periodic: bool = True) -> Check:
     name = f"{phase} save_every"
     every = flags.get("save_every")
     every = every if isinstance(every, int) and not isinstance(every, bool) else -1
@@ -381,6 +427,12 @@ def _check_save_every(flags: dict, phase: str) -> Check:
     if steps is not None:
         flops = 6 * sum(param_counts(flags)) * _tokens_per_step(flags, phase) * steps
         seconds = flops / OPTIMISTIC_FLOPS
+    if not periodic:  # nothing to set: the script saves at its end, and a crash restarts the phase
+        from daemon.units import format_duration
+        long = seconds is not None and seconds > LONG_RUN_SECONDS
+        return Check(name, WARN if long else OK,
+                     f"the {phase} script saves only at its end: a crash restarts the phase from its input "
+                     f"checkpoint" + (f" (at least ~{format_duration(seconds)} of {steps} steps)" if long else ""))
     if every <= 0:
         if by_time:
             return Check(name, OK, f"saves every {minutes:g} minutes (save_every {every})")

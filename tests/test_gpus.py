@@ -138,7 +138,7 @@ def test_the_builtin_trainer_runs_through_torchrun_with_its_restarts_off_on_exac
 
 
 def test_the_nanochat_runner_for_two_gpus_is_its_checkouts_torchrun_with_both_gpus_visible(tmp_path):
-    repo = make_checkout(tmp_path / "nanochat", "dash")
+    repo = make_checkout(tmp_path / "nanochat")
     settings = load_settings(home=tmp_path / "home", nanochat_base_dir=tmp_path / "nc", nanochat_repos=[str(repo)])
     spec = parse_job({"name": "nc2", "model_tag": "d4", "runner": "nanochat", "gpus": [0, 1],
                       "nanochat": {"repo": str(repo), "python": ".venv/bin/python"},
@@ -253,13 +253,14 @@ def group(tmp_path, nanod_home):
     fds, _ = gpulock.try_acquire_all(paths)
     marks = tmp_path / "marks"
     marks.mkdir()
-    env = {**os.environ, "MARKS": str(marks), GROUP_ENV: "test-group"}
+    token = f"test-group-{tmp_path}"  # unique: a kill by mark must not reach another run's ranks
+    env = {**os.environ, "MARKS": str(marks), GROUP_ENV: token}
     log = open(tmp_path / "keeper.log", "wb")
     popen = subprocess.Popen([PYTHON, "-m", "daemon.launchers.keeper", "--", PYTHON, "-c", AGENT], cwd=ROOT, env=env,
                              stdout=log, stderr=subprocess.STDOUT, pass_fds=tuple(fds), start_new_session=True)
     gpulock.release_all(fds)  # from here on only the keeper holds them
     proc = GroupProcess(popen.pid, popen.pid, procs.start_ticks(popen.pid), popen, log=tmp_path / "keeper.log",
-                        token="test-group", nproc=2)
+                        token=token, nproc=2)
     wait_until(lambda: len(ranks_of(popen.pid)) == 2, 20, message="the keeper's torchrun and its two ranks")
     yield SimpleNamespace(proc=proc, paths=paths, marks=marks, agent=agent_of(popen.pid))
     for pid in procs.descendants(popen.pid):

@@ -7,10 +7,14 @@ The one definition of the on-disk checkpoint format, nanochat's layout:
 
 A checkpoint is *complete* only when its meta file exists and parses as a JSON
 object and the model file (and each rank's optimizer file, where expected) is
-there. A checkpoint saved by a group of N ranks under torchrun records
+there and whole. A checkpoint saved by a group of N ranks under torchrun records
 `nanod.world_size` (and `nanod.optim_ranks`) N in its meta, so it is complete
-only with all N `optim_<step>_rank<r>.pt` files. Writers write every file to a hidden temp name, fsync and rename, meta
-last. Both resume (trainer) and retention (daemon) call `is_complete`, so there
+only with all N `optim_<step>_rank<r>.pt` files. Writers write every file to a
+hidden temp name, fsync and rename, meta last. (nanochat's own scripts do not:
+they write straight to the final names, model, meta, then optimizer, so a kill -9
+during the optimizer write leaves a meta beside a half-written file. A torch file
+is a zip archive, whole only once its end record is written: that is checked too.)
+Both resume (trainer) and retention (daemon) call `is_complete`, so there
 is one idea of "complete". This module never deletes anything.
 """
 from __future__ import annotations
@@ -125,6 +129,9 @@ def why_incomplete(ckpt_dir: Path, step: int, *, optim_ranks: int | None = None)
     for r in range(ranks):
         if not _non_empty(optim_path(ckpt_dir, step, r)):
             return f"optimizer file of rank {r} missing or empty"
+    for path in [model_path(ckpt_dir, step)] + [optim_path(ckpt_dir, step, r) for r in range(ranks)]:
+        if _torn_zip(path):
+            return f"{path.name} is cut short (a torch file without its zip end record: still being written?)"
     nanod = meta.get("nanod") if isinstance(meta.get("nanod"), dict) else {}
     files = nanod.get("files") if isinstance(nanod.get("files"), dict) else {}
     for name, size in files.items():
@@ -165,6 +172,21 @@ def size_of(ckpt_dir: Path, step: int) -> int:
         except OSError:
             pass
     return total
+
+
+def _torn_zip(path: Path) -> bool:
+    """A zip archive (torch.save's format) whose end-of-central-directory record is not at its end:
+    a save cut off, or still being written. torch writes no archive comment, so a whole file ends
+    with the 22-byte record. Files that do not start like a zip (older formats) are not judged."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return False
+            f.seek(-22, os.SEEK_END)
+            end = f.read(22)
+    except OSError:
+        return True  # shorter than a zip's end record
+    return not (end.startswith(b"PK\x05\x06") and end[20:22] == b"\x00\x00")
 
 
 def _non_empty(path: Path) -> bool:

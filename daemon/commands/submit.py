@@ -16,11 +16,13 @@ def run(args, settings) -> int:
     from daemon.cli import UserError
     from daemon.queue import load_job
     from daemon.spec import JobFileError, load_job_file
+    from daemon.trainers import check_job
 
     src = Path(args.file)
     try:
         spec = load_job_file(src)
-    except JobFileError as e:
+        check_job(spec, settings)  # the inbox would refuse it: say so now, with the same reason
+    except (JobFileError, ValueError, OSError) as e:
         raise UserError(str(e)) from None
     old = load_job(settings, spec.name)
     if old is not None and not old.finished:

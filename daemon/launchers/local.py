@@ -86,8 +86,8 @@ class LocalProcess:
         """The trainer's own output in a log tail (here: all of it)."""
         return tail
 
-    def error_line(self, tail: str) -> str:
-        return last_error_line(tail)
+    def error_line(self, tail: str, returncode: int | None = None) -> str:
+        return last_error_line(tail, returncode)
 
     def _signal_group(self, sig: int) -> None:
         try:
@@ -147,8 +147,8 @@ class GroupProcess(LocalProcess):
     def trainer_tail(self, tail: str) -> str:
         return torchrun.trainer_output(tail)
 
-    def error_line(self, tail: str) -> str:
-        return torchrun.error_line(tail)
+    def error_line(self, tail: str, returncode: int | None = None) -> str:
+        return torchrun.error_line(tail)   # the keeper's code is torchrun's: the report says more
 
     def _marked(self) -> list[int]:
         if not self.token:

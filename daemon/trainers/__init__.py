@@ -80,3 +80,17 @@ def adapter_for(settings, spec) -> TrainerAdapter:
         return BuiltinTrainer(settings)
     from daemon.trainers.nanochat import NanochatTrainer
     return NanochatTrainer(settings, spec)
+
+
+def check_job(spec, settings) -> None:
+    """Refuse a job its trainer would refuse: ValueError, str() the one-line reason.
+
+    The one check before a job is accepted, in the inbox and by `nanod submit` (`nanod
+    check` shows the same facts, one line per phase): for nanochat the checkout, its
+    interpreter and every phase's flags against its script's own options
+    (daemon/trainers/nanochat_check.py). The builtin trainer's flags are checked by
+    the preflight before each phase (and by the trainer itself).
+    """
+    if spec.runner == "nanochat":
+        from daemon.trainers.nanochat_check import check_job as check_nanochat_job
+        check_nanochat_job(spec, settings)

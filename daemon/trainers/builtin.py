@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+from daemon.attempt_log import OOM_TEXTS  # what an out-of-memory looks like when the exit code does not say it
 from daemon.trainers import GUIDE_ALLOC_ENV, Launch, Outcome, Progress
 from trainer import exitcodes, layout
 
@@ -22,9 +23,6 @@ _FIELDS = {
     "tok_per_sec": re.compile(r"\|\s*tok/sec:\s*([0-9,.]+)"),
     "peak_mem_gib": re.compile(r"\|\s*peak_mem:\s*([0-9.]+)\s*GiB"),
 }
-# what an out-of-memory looks like in a log when the exit code does not say it
-OOM_TEXTS = ("torch.OutOfMemoryError", "CUDA out of memory", "CUDA error: out of memory",
-             "CUDA driver error: out of memory", "OutOfMemoryError")
 
 
 def parse_step_line(line: str) -> Progress | None:

@@ -2,49 +2,44 @@
 
 What it does: builds the command line of one attempt (`python -m scripts.base_train`
 etc. from the checkout; a job on several GPUs gets torchrun around it from the
-launcher, daemon/launchers/torchrun.py) in the flag style the checkout understands, reads nanochat's step lines, classifies how an attempt
-ended, and says which checkpoints are complete (trainer/layout.is_complete, with
-the optimizer files each phase script really writes).
+launcher, daemon/launchers/torchrun.py) in the flag style the checkout understands,
+with each flag's value translated where the script gives it another meaning than
+the user's (the configurator era's `eval_every: -1` means *every step*); chooses the
+environment defaults that are safe for this checkout; reads nanochat's step lines,
+classifies how an attempt ended, and says which checkpoints are complete
+(trainer/layout.is_complete, with the optimizer files each phase script really writes).
 
 What it does not do: start or watch processes (daemon/launchers/), decide what
-happens next (daemon/supervisor.py), or trust nanochat's own find_last_step, which
+happens next (daemon/supervisor.py), read the scripts (nanochat_script.py) or decide
+what to refuse (nanochat_check.py), or trust nanochat's own find_last_step, which
 looks at model files only and so happily resumes from a save cut off mid-write.
-
-Everything it knows about the checkout it reads from the scripts' text, never by
-importing them (the daemon never imports torch): argparse or the old configurator,
-dash or underscore option names, whether the script has a resume option, and
-whether its save writes optimizer files per rank, on rank 0 only, or not at all.
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from daemon.attempt_log import OOM_TEXTS, strip_ansi
 from daemon.trainers import GUIDE_ALLOC_ENV, Launch, Outcome, Progress
+from daemon.trainers.nanochat_check import check_job, fullgraph_culprit
+from daemon.trainers.nanochat_script import (EVERY, NEEDS_POSITIVE, SCRIPTS, NanochatRefused, Script,
+                                             phase_script, read_script, resolve_python, resolve_repo)
 from trainer import layout
 
-SCRIPTS = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft"}
-DIR_PHASES = {v: k for k, v in layout.PHASE_DIRS.items()}
-# Configurator-era scripts test `step % eval_every == 0`, so -1 there means *every*
-# step, not "disabled" (Python's modulo by -1 is always 0). nanod passes this instead;
-# it still fires once at step 0, where step % N == 0 for any N.
-NEVER = 1_000_000_000
-# Variables a job file must not set without allow_job_commands: each one runs code of
-# the job file's choosing inside the interpreter (promise 12).
-UNSAFE_ENV = {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONPLATLIBDIR",
-              "BASH_ENV", "ENV"}
-PLAIN_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
+__all__ = ["NanochatTrainer", "NanochatRefused", "check_job", "read_script", "format_flags", "parse_step_line",
+           "classify_exit", "translate_value", "NEVER"]
 
-OOM_TEXTS = ("torch.OutOfMemoryError", "CUDA out of memory", "CUDA driver error: out of memory",
-             "OutOfMemoryError")
+DIR_PHASES = {v: k for k, v in layout.PHASE_DIRS.items()}
+# What nanod passes for an `X <= 0` that the script would not read as "off" (see translate_value).
+# `step % NEVER == 0` only at step 0, and every such test nanochat has also fires at the end.
+NEVER = 1_000_000_000
+GUIDE_COMPILE_ENV = {"TORCH_COMPILE_DISABLE": "1"}   # the guide's advice for mid and sft, where it is safe
+
 # argparse prints "usage: ..." then "<prog>: error: ..." and exits 2; the configurator raises.
 ARGPARSE_ERROR = re.compile(r"^usage: .*?^\S+: error: ", re.M | re.S)
 CONFIGURATOR_ERROR = re.compile(r"Unknown config key: |AssertionError: Type mismatch")
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # base (both eras) and nanod's trainer: "step 00250/03520 (7.10%) | loss: 3.1 | ..."
 # mid/sft (argparse era): "step 00012 (3.00%) | loss: 3.1 | ..."
 _STEP = re.compile(r"^\s*step\s+(\d+)(?:/(\d+))?\s+\(\s*[\d.]+%\)\s*\|\s*loss:\s*([-+\w.]+)")
@@ -54,155 +49,30 @@ _DT = re.compile(r"\|\s*dt:\s*([\d.]+)\s*ms")
 _TOKS = re.compile(r"\|\s*tok/sec:\s*([\d,.]+)")
 _MEM = re.compile(r"\|\s*peak_mem:\s*([\d.]+)\s*GiB")
 
-_ARGPARSE_OPT = re.compile(r"""add_argument\(\s*["']--([A-Za-z0-9][A-Za-z0-9_-]*)["']([^\n]*)""")
-_CONFIG_GLOBAL = re.compile(r"^([a-z_][a-z0-9_]*)\s*=", re.M)
-_CONFIGURATOR = re.compile(r"""exec\(\s*open\([^)]*configurator\.py""")
 
+def translate_value(script: Script, key: str, value):
+    """(the value to pass, a one-line note when it differs from the user's) for one flag.
 
-class NanochatRefused(ValueError):
-    """A nanochat job or attempt nanod will not start; str() is the one-line reason."""
-
-
-# ---- reading the checkout -------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Script:
-    """What nanod needs to know about one phase script, read from its text."""
-
-    path: Path
-    configurator: bool            # pre-2026-01-04: globals overridden by --key=value
-    flag_style: str               # "dash" or "underscore"
-    options: frozenset[str]       # option names, underscore spelling
-    store_true: frozenset[str]    # argparse flags that take no value
-    can_resume: bool              # has resume_from_step (only base_train, since 2025-11-13)
-    optim_saving: str             # "all" ranks, "rank0" only, or "none"
-
-
-def read_script(path: Path) -> Script:
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    configurator = bool(_CONFIGURATOR.search(text))
-    if configurator:
-        head = text[:_CONFIGURATOR.search(text).start()]
-        options = frozenset(_CONFIG_GLOBAL.findall(head))
-        style, store_true = "underscore", frozenset()
-    else:
-        found = _ARGPARSE_OPT.findall(text)
-        names = [n for n, _ in found]
-        # argparse with underscores existed for nine days (2026-01-04 .. 2026-01-13)
-        style = "dash" if any("-" in n for n in names) or not any("_" in n for n in names) else "underscore"
-        options = frozenset(n.replace("-", "_") for n in names)
-        store_true = frozenset(n.replace("-", "_") for n, rest in found if "store_true" in rest)
-    return Script(path=Path(path), configurator=configurator, flag_style=style, options=options,
-                  store_true=store_true, can_resume="resume_from_step" in options,
-                  optim_saving=_optim_saving(text))
-
-
-def _optim_saving(text: str) -> str:
-    """Which optimizer files the script's save_checkpoint(...) call writes."""
-    start = text.find("save_checkpoint(", text.find("import save_checkpoint") + 1)
-    if start < 0:
-        return "all"
-    args, depth, current, i = [], 0, [], start + len("save_checkpoint(")
-    while i < len(text):
-        c = text[i]
-        if c == "#":  # drop comments: the 4th argument is "None, # we don't bother ..."
-            i = text.find("\n", i)
-            i = len(text) if i < 0 else i
-            continue
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            if depth == 0:
-                break
-            depth -= 1
-        elif c == "," and depth == 0:
-            args.append("".join(current).strip())
-            current = []
-            i += 1
-            continue
-        current.append(c)
-        i += 1
-    args.append("".join(current).strip())
-    positional = [a for a in args if a and not re.match(r"^\w+\s*=", a)]
-    if len(positional) >= 4 and positional[3] == "None":
-        return "none"
-    return "all" if any(re.match(r"^rank\s*=", a) for a in args) else "rank0"
-
-
-def resolve_repo(spec) -> Path:
-    return Path(os.path.realpath(os.path.expanduser(spec.nanochat.repo)))
-
-
-def resolve_python(spec, repo: Path) -> Path | None:
-    """The interpreter as an absolute path (relative paths are relative to the checkout)."""
-    name = os.path.expanduser(spec.nanochat.python)
-    if "/" not in name:
-        found = shutil.which(name)
-        return Path(found) if found else None
-    path = Path(name)
-    return Path(os.path.normpath(path if path.is_absolute() else repo / path))
-
-
-def check_job(spec, settings) -> None:
-    """Refuse what nanod will not run for this job (raises NanochatRefused, one line).
-
-    Promise 12: a job file names a checkout and an interpreter, that is, a command.
-    That is allowed only when the operator's config (never the job file) allows it:
-    the checkout is one of settings.nanochat_repos, or settings.allow_job_commands.
+    Read from the script's text (nanochat_script.every): an `X <= 0` stays where every
+    `step % X` test is guarded by `X > 0` (it means off); where a test is unguarded,
+    -1 means every step (0 divides by zero), so nanod passes NEVER; where the guarded
+    block sets something the save needs (guide-era mid_train's val_bpb), "off" crashes
+    at the save, so nanod passes NEVER too. An int for a float option becomes a float
+    (the configurator refuses 1 where 1.0 is expected).
     """
-    job = f"job {spec.name}"
-    repo = resolve_repo(spec)
-    allowed = {Path(os.path.realpath(os.path.expanduser(r))) for r in settings.nanochat_repos}
-    trusted = settings.allow_job_commands
-    if not trusted and repo not in allowed:
-        raise NanochatRefused(f"{job}: nanochat checkout {repo} is not in the operator's nanochat_repos "
-                              f"(config.toml), and allow_job_commands is off")
-    if not (repo / "scripts").is_dir():
-        raise NanochatRefused(f"{job}: {repo} is not a nanochat checkout (no scripts/ folder)")
-    python = resolve_python(spec, repo)
-    if python is None or not python.is_file() or not os.access(python, os.X_OK):
-        raise NanochatRefused(f"{job}: nanochat.python {spec.nanochat.python!r} is not an executable file")
-    if not trusted and not (_inside(python, repo) or PLAIN_PYTHON.match(spec.nanochat.python)
-                            or (settings.python and python == Path(settings.python))):
-        raise NanochatRefused(f"{job}: nanochat.python {spec.nanochat.python!r} is outside the checkout; "
-                              f"name it there (e.g. .venv/bin/python) or set allow_job_commands")
-    for i, p in enumerate(spec.phases):
-        env = spec.phase_env(i)
-        if "NANOCHAT_BASE_DIR" in env:
-            raise NanochatRefused(f"{job}: env NANOCHAT_BASE_DIR: set nanochat_base_dir in nanod's config instead, "
-                                  f"so nanod watches the checkpoints where nanochat writes them")
-        bad = sorted(k for k in env if k.startswith("LD_") or k in UNSAFE_ENV)
-        if bad and not trusted:
-            raise NanochatRefused(f"{job}: env {bad[0]} would run code the operator has not allowed "
-                                  f"(set allow_job_commands to permit it)")
-        script_path = repo / "scripts" / f"{SCRIPTS[p.phase]}.py"
-        if not script_path.is_file():
-            if p.phase == "mid":
-                raise NanochatRefused(f"{job}: this nanochat checkout has no mid phase "
-                                      f"(removed 2026-01-31); drop the mid phase")
-            raise NanochatRefused(f"{job}: {script_path} does not exist")
-        for key in ("model_tag", "model_step", "step", "source"):
-            if key in p.args:
-                raise NanochatRefused(f"{job}: phases.{p.phase}.args.{key} is nanod's to set "
-                                      f"(model_tag at the top of the job file)")
-        script = read_script(script_path)
-        if script.can_resume and not _positive(p.args.get("num_iterations")):
-            raise NanochatRefused(
-                f"{job}: phases.{p.phase}.args.num_iterations is required with runner nanochat: a relaunch "
-                f"must keep the schedule of the first run, and nanochat's meta does not record the count it "
-                f"computed (copy it from its 'number of iterations' line)")
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
-
-
-def _positive(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    sem = script.every.get(key)
+    if sem in (EVERY, NEEDS_POSITIVE) and _int(value) and value <= 0:
+        where = f"scripts/{script.path.name}"
+        if sem == EVERY:
+            why = (f"means every step in {where} (it tests step % {key} without a {key} > 0 guard)" if value < 0
+                   else f"divides by zero in {where} (step % {key})")
+        else:
+            why = (f"turns off the evaluation in {where}, but its final save reads "
+                   f"{', '.join(script.needs[key])}, which only that evaluation sets (it would crash there)")
+        return NEVER, f"{key}: {value} {why}; nanod passes {NEVER}, which runs it at most at step 0 and at the end"
+    if script.kinds.get(key) == "float" and _int(value):
+        return float(value), None
+    return value, None
 
 
 # ---- the adapter ----------------------------------------------------------------------
@@ -235,13 +105,7 @@ class NanochatTrainer:
         spec = spec or self.spec
         if spec is None:
             raise NanochatRefused("the nanochat adapter needs the job's spec")
-        path = resolve_repo(spec) / "scripts" / f"{SCRIPTS[phase]}.py"
-        if not path.is_file():
-            if phase == "mid":
-                raise NanochatRefused(f"job {spec.name}: this nanochat checkout has no mid phase "
-                                      f"(removed 2026-01-31); drop the mid phase")
-            raise NanochatRefused(f"job {spec.name}: {path} does not exist")
-        return read_script(path)
+        return phase_script(spec, phase)
 
     def can_resume(self, phase: str) -> bool:
         """False: the phase restarts from its input checkpoint after a failure."""
@@ -251,7 +115,13 @@ class NanochatTrainer:
             return False
 
     def default_env(self, phase: str) -> dict[str, str]:
-        return {**GUIDE_ALLOC_ENV, **({"TORCH_COMPILE_DISABLE": "1"} if phase in ("mid", "sft") else {})}
+        """The guide's allocator setting, and TORCH_COMPILE_DISABLE=1 for mid and sft only where it is
+        safe: not where the checkout compiles with fullgraph=True (HEAD's optimizer step), which then
+        fails on its first step."""
+        return {**GUIDE_ALLOC_ENV, **(GUIDE_COMPILE_ENV if self._compile_off_is_safe(phase) else {})}
+
+    def _compile_off_is_safe(self, phase: str) -> bool:
+        return phase in ("mid", "sft") and (self.spec is None or fullgraph_culprit(self.spec, phase) is None)
 
     def optim_ranks(self, phase: str) -> int:
         """How many optim_<step>_rank<r>.pt files a complete checkpoint of this phase has."""
@@ -292,12 +162,13 @@ class NanochatTrainer:
 
         flags: dict[str, object] = {}
         for key, value in args.items():
-            if script.configurator and key.endswith("_every") and key != "save_every" \
-                    and isinstance(value, int) and not isinstance(value, bool) and value < 0:
-                notes.append(f"{key}: {value} means every step in this configurator-era nanochat "
-                             f"checkout; nanod passes {NEVER} to turn it off")
-                value = NEVER
-            flags[key] = value
+            flags[key], note = translate_value(script, key, value)
+            if note:
+                notes.append(note)
+        culprit = fullgraph_culprit(spec, phase) if phase in ("mid", "sft") else None
+        if culprit and "TORCH_COMPILE_DISABLE" not in spec.phase_env(phase_index):
+            notes.append(f"TORCH_COMPILE_DISABLE not set for {phase} (nanod's default for mid and sft): {culprit} "
+                         f"compiles with fullgraph=True, which fails on the first step with compiling disabled")
         flags["model_tag"] = tag
         if phase != "base" and init_from is None:
             # never let nanochat pick "the newest model file" itself: it may be a torn save
@@ -316,7 +187,7 @@ class NanochatTrainer:
         if resume_from is not None:
             if not script.can_resume:
                 raise NanochatRefused(f"job {spec.name}: scripts/{SCRIPTS[phase]}.py cannot resume")
-            if not _positive(args.get("total_batch_size")):
+            if not _int(args.get("total_batch_size")) or args["total_batch_size"] <= 0:
                 total = self._resolved_total_batch(root, phase, tag, resume_from)
                 if total is not None:
                     flags["total_batch_size"] = total
@@ -359,7 +230,7 @@ class NanochatTrainer:
         meta = layout.read_meta(layout.checkpoint_dir(root, phase, tag), step) or {}
         user = meta.get("user_config") if isinstance(meta.get("user_config"), dict) else {}
         for value in (meta.get("total_batch_size"), user.get("total_batch_size")):
-            if _positive(value):
+            if _int(value) and value > 0:
                 return value
         return None
 
@@ -406,7 +277,7 @@ def parse_step_line(line: str) -> Progress | None:
     the 0-based index of the step just taken (so +1), mid_train and chat_sft after
     `step += 1`. Tolerates ANSI colours and carriage-return progress redraws.
     """
-    for part in reversed(_ANSI.sub("", line).replace("\r", "\n").split("\n")):
+    for part in reversed(strip_ansi(line).replace("\r", "\n").split("\n")):
         m = _STEP.match(part)
         if m:
             step = int(m.group(1)) + (1 if m.group(2) else 0)
@@ -424,12 +295,16 @@ def classify_exit(returncode: int, log_tail: str) -> Outcome:
     """0 completed; an OOM text in the tail is OOM; argument errors are BAD_ARGS; else crashed."""
     if returncode == 0:
         return Outcome.COMPLETED
-    text = _ANSI.sub("", log_tail or "")
+    text = strip_ansi(log_tail or "")
     if any(t in text for t in OOM_TEXTS):
         return Outcome.OOM
     if (returncode == 2 and ARGPARSE_ERROR.search(text)) or CONFIGURATOR_ERROR.search(text):
         return Outcome.BAD_ARGS
     return Outcome.CRASHED
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _search(pattern: re.Pattern, text: str) -> str | None:

@@ -1,12 +1,12 @@
-"""The stand-in's training loops, one per phase script, in both eras (not nanochat).
+"""The stand-in's training loops, one per phase script (not nanochat).
 
-Each loop follows the control flow of the nanochat script it stands in for where
-nanod can see it: when it evaluates, when it saves, which step number it saves
-under, what its step line looks like, and where the step counter is incremented
-relative to the print (base_train and the configurator's chat_sft print the index
-of the step just taken; mid_train and the argparse chat_sft print after `step += 1`).
-Saving is the script's own `save_checkpoint(...)` call (passed in as `save`), so that
-the script text shows which optimizer files it writes, as nanochat's scripts do.
+Each loop follows the control flow of the nanochat (92d63d4) script it stands in
+for where nanod can see it: when it saves, which step number it saves under, what
+its step line looks like, and where the step counter is incremented relative to
+the print (base_train prints the index of the step just taken, chat_sft prints
+after `step += 1`). Saving is the script's own `save_checkpoint(...)` call (passed
+in as `save`), so that the script text shows which optimizer files it writes.
+Everything else nanochat does is the real scripts' to show (tests/test_nanochat_real.py).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import os
 import sys
 import time
 
-from nanochat.standin import (base_dir, before_step, evaluate, fake_loss, load_checkpoint, load_model, log_info,
-                              print0, step_stats, train_update, world_size)
+from nanochat.standin import (base_dir, before_step, evaluate, fake_loss, load_checkpoint, load_model, print0,
+                              step_stats, train_update, world_size)
 
 
 def _model_config(cfg: dict, depth: int) -> dict:
@@ -24,9 +24,8 @@ def _model_config(cfg: dict, depth: int) -> dict:
             "n_head": max(1, dim // 128), "n_kv_head": max(1, dim // 128), "n_embd": dim}
 
 
-def run_base(cfg: dict, *, era: str, save) -> None:
+def run_base(cfg: dict, *, save) -> None:
     """scripts/base_train.py: save_every, resume_from_step, the `step N/M (p%)` line."""
-    configurator = era == "underscore"
     tag = cfg["model_tag"] or f"d{cfg['depth']}"
     ckpt_dir = os.path.join(base_dir(), "base_checkpoints", tag)
     resume = cfg["resume_from_step"]
@@ -39,7 +38,7 @@ def run_base(cfg: dict, *, era: str, save) -> None:
             weights, meta = load_checkpoint(ckpt_dir, resume, optim_rank=rank)
         start, loop_state = meta["step"], meta["loop_state"]
     total_batch_size = cfg["total_batch_size"]
-    if total_batch_size == -1:  # argparse era: "auto-computed optimal batch size"
+    if total_batch_size == -1:  # "auto-computed optimal batch size"
         total_batch_size = 16 * cfg["max_seq_len"]
         print0(f"Auto-computed optimal batch size: {total_batch_size:,} tokens")
     if cfg["num_iterations"] > 0:
@@ -56,22 +55,19 @@ def run_base(cfg: dict, *, era: str, save) -> None:
     while True:
         last_step = step == num_iterations
         every = cfg["eval_every"]
-        if (last_step or step % every == 0) if configurator else (every > 0 and (last_step or step % every == 0)):
+        if every > 0 and (last_step or step % every == 0):
             evaluate(step, "Validation bpb", fake_loss(step) / 3)
         if cfg["core_metric_every"] > 0 and (last_step or (step > 0 and step % cfg["core_metric_every"] == 0)):
             evaluate(step, "CORE metric", 0.1)
         every = cfg["sample_every"]
-        if (last_step or (step > 0 and step % every == 0)) if configurator else \
-                (every > 0 and (last_step or (step > 0 and step % every == 0))):
+        if every > 0 and (last_step or (step > 0 and step % every == 0)):
             print0("<|bos|>The capital of France is Paris")
         if last_step or (step > 0 and step != resume and cfg["save_every"] > 0 and step % cfg["save_every"] == 0):
             meta = {"step": step, "val_bpb": fake_loss(step) / 3, "model_config": _model_config(cfg, cfg["depth"]),
                     "user_config": cfg, "device_batch_size": cfg["device_batch_size"],
                     "max_seq_len": cfg["max_seq_len"],
                     "dataloader_state_dict": {"pq_idx": step // 100, "rg_idx": step % 100},
-                    "loop_state": loop_state}
-            if not configurator:
-                meta["total_batch_size"] = total_batch_size
+                    "loop_state": loop_state, "total_batch_size": total_batch_size}
             save(ckpt_dir, step, weights, meta)
         if last_step:
             break
@@ -82,45 +78,15 @@ def run_base(cfg: dict, *, era: str, save) -> None:
         loop_state["total_training_time"] += dt
         pct = 100 * step / num_iterations
         minutes = loop_state["total_training_time"] / 60
-        if configurator:  # the older line: "mfu:", no epoch or eta
-            mfu, tail = "mfu", f" | total time: {minutes:.2f}m"
-        else:
-            mfu, tail = "bf16_mfu", f" | epoch: 0 pq: {step // 100} rg: {step % 100} | total time: {minutes:.2f}m | eta: 1.0m"
         print0(f"step {step:05d}/{num_iterations:05d} ({pct:.2f}%) | loss: {fake_loss(step):.6f} | lrm: 1.00 | "
-               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok:,} | {mfu}: 1.00{tail}")
+               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok:,} | bf16_mfu: 1.00 | epoch: 0 pq: {step // 100} "
+               f"rg: {step % 100} | total time: {minutes:.2f}m | eta: 1.0m")
         step += 1
     print0(f"Total training time: {loop_state['total_training_time'] / 60:.2f}m")
 
 
-def run_mid(cfg: dict, *, era: str, save) -> None:
-    """scripts/mid_train.py (configurator era): no resume, one save at the end, rank 0's optimizer only."""
-    weights, meta = load_model("base", cfg["model_tag"], cfg["step"], optim=False)
-    depth = meta["model_config"]["n_layer"]
-    tag = cfg["model_tag"] or f"d{depth}"
-    num_iterations = cfg["num_iterations"] if cfg["num_iterations"] > 0 else 30  # "one epoch"
-    step, total_time = 0, 0.0
-    while True:
-        last_step = step == num_iterations
-        if cfg["eval_every"] > 0 and (last_step or step % cfg["eval_every"] == 0):
-            evaluate(step, "Validation bpb", fake_loss(step, 2.0) / 3)
-        if last_step:
-            meta = {"step": step, "val_bpb": 0.9, "model_config": _model_config(cfg, depth), "user_config": cfg}
-            save(os.path.join(base_dir(), "mid_checkpoints", tag), step, weights, meta)
-            break
-        t0 = time.time()
-        before_step(step, cfg["device_batch_size"], sys.argv[0])
-        weights = train_update(weights, step)
-        dt, tok = step_stats(cfg["total_batch_size"], t0)
-        total_time += dt
-        step += 1
-        print0(f"step {step:05d} ({100 * step / num_iterations:.2f}%) | loss: {fake_loss(step, 2.0):.6f} | lrm: 1.00 | "
-               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok:,} | mfu: 1.00 | total time: {total_time / 60:.2f}m")
-
-
-def run_sft(cfg: dict, *, era: str, save) -> None:
+def run_sft(cfg: dict, *, save) -> None:
     """scripts/chat_sft.py: no resume, saves once at its last step."""
-    if era == "underscore":
-        return _run_sft_configurator(cfg, save)
     weights, meta = load_model("base", cfg["model_tag"], cfg["model_step"], optim=bool(cfg["load_optimizer"]))
     depth = meta["model_config"]["n_layer"]
     tag = cfg["model_tag"] or f"d{depth}"
@@ -144,28 +110,3 @@ def run_sft(cfg: dict, *, era: str, save) -> None:
         step += 1
         print0(f"step {step:05d} ({100 * step / num_iterations:.2f}%) | loss: {fake_loss(step, 1.5):.6f} | lrm: 1.00 | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok:,} | mfu: 1.00 | epoch: 0 | total time: {total_time / 60:.2f}m")
-
-
-def _run_sft_configurator(cfg: dict, save) -> None:
-    """The configurator's chat_sft: `Step i/N | Training loss` lines, saves step N-1, no optimizer file."""
-    weights, meta = load_model(cfg["source"], cfg["model_tag"], cfg["step"], optim=False)
-    depth = meta["model_config"]["n_layer"]
-    tag = cfg["model_tag"] or f"d{depth}"
-    num_iterations = cfg["num_iterations"] if cfg["num_iterations"] > 0 else 10
-    for step in range(num_iterations):
-        last_step = step == num_iterations - 1
-        if last_step or step % cfg["eval_every"] == 0:
-            evaluate(step, "Validation loss", fake_loss(step, 1.2))
-        if last_step or (step > 0 and step % cfg["eval_metrics_every"] == 0):
-            print0(f"Step {step:05d} | mmlu_acc: 0.250000, arc_easy_acc: 0.300000")
-        if last_step:
-            break
-        before_step(step, cfg["device_batch_size"], sys.argv[0])
-        weights = train_update(weights, step)
-        print0(f"Step {step:05d}/{num_iterations:05d} | Training loss: {fake_loss(step, 1.2):.6f}| lrm: "
-               f"{1 - step / num_iterations:.6f}| num_tokens: {cfg['device_batch_size'] * 512:,}")
-    ckpt_dir = os.path.join(base_dir(), "chatsft_checkpoints", tag)
-    meta = {"step": step, "val_loss": 1.0, "model_config": _model_config({"max_seq_len": 2048}, depth)}
-    save(ckpt_dir, step, weights, meta)
-    print(f"\u2705 Saved model checkpoint to {ckpt_dir}")
-    log_info("nanochat.report", "Chat SFT report written")

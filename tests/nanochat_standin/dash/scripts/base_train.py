@@ -42,4 +42,4 @@ def save(checkpoint_dir, step, weights, meta):
 
 
 announce("dash")
-run_base(user_config, era="dash", save=save)
+run_base(user_config, save=save)

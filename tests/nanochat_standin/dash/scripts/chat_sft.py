@@ -38,4 +38,4 @@ def save(checkpoint_dir, step, weights, meta):
 
 
 announce("dash")
-run_sft(user_config, era="dash", save=save)
+run_sft(user_config, save=save)
