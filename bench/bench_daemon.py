@@ -11,7 +11,12 @@ Figures (one JSON object each, the last stdout lines; DESIGN.md's performance ta
   stall_timeout (target: at most 2 s over it). Median over --stall-runs.
 - daemon_idle_rss_mb, daemon_idle_cpu_percent: an idle daemon over --idle seconds.
 - tokens_per_sec_ratio: tok/sec of the step lines under nanod / the bare trainer,
-  same plan, runs back to back in pairs (--tps-rounds); the median of the pairs' ratios.
+  same plan, in pairs (--tps-rounds) whose order alternates; the median of the pairs'
+  ratios, every pair beside it.
+- trainer_cpu_per_step_ratio, daemon_cpu_percent_while_training (info, no target):
+  what survives a noisy machine: the trainer's CPU seconds per step under nanod / bare
+  (with voluntary and involuntary context switches per step), and the daemon's CPU use
+  while the trainer steps.
 """
 from __future__ import annotations
 
@@ -165,32 +170,87 @@ def bench_idle(b: Bench, seconds: float) -> tuple[float, float]:
 
 
 STEP_TPS = re.compile(r"^step\s+(\d+)/\d+.*\|\s*tok/sec:\s*([0-9,]+)", re.M)
+FIRST_MEASURED_STEP = 3   # steps before this warm up (allocator, caches) and are not counted
 
 
-def step_tps(text: str, skip: int = 3) -> list[float]:
+def step_tps(text: str, skip: int = FIRST_MEASURED_STEP) -> list[float]:
     return [float(t.replace(",", "")) for s, t in STEP_TPS.findall(text) if int(s) >= skip]
 
 
-def bench_tokens(b: Bench, rounds: int, steps: int) -> tuple[list[float], float, float]:
-    """Per round, the median tok/s of a bare run and of a run under nanod, back to back.
+def follow_run(pid: int, log: Path, steps: int, daemon_pid: int | None = None) -> dict:
+    """One trainer run followed through its log: tok/s of its step lines, and psutil samples of
+    its CPU time and context switches (and the daemon's CPU time) between step lines
+    FIRST_MEASURED_STEP and steps - 2, while it surely lives. CPU seconds per step do not
+    depend on how busy the machine is; voluntary switches per step count the trainer's waits."""
+    import psutil
+    proc, daemon = psutil.Process(pid), psutil.Process(daemon_pid) if daemon_pid else None
+    marks, samples = (FIRST_MEASURED_STEP, steps - 2), []
+    while len(samples) < 2:
+        text = log.read_text() if log.exists() else ""
+        if f"step {marks[len(samples)]:05d}/" in text:
+            try:
+                cpu, ctx = proc.cpu_times(), proc.num_ctx_switches()
+                dcpu = daemon.cpu_times() if daemon else None
+            except psutil.NoSuchProcess:
+                break
+            samples.append((time.monotonic(), cpu.user + cpu.system, ctx.voluntary, ctx.involuntary,
+                            dcpu.user + dcpu.system if dcpu else 0.0))
+            continue
+        if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.02)   # the same polling for both kinds of run: it costs them alike
+    until(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, 600, 0.05)
+    out = {"tps": step_tps(log.read_text())}
+    if len(samples) == 2:
+        (t0, c0, v0, i0, d0), (t1, c1, v1, i1, d1) = samples
+        n = marks[1] - marks[0]
+        out.update(cpu_per_step=(c1 - c0) / n, voluntary_per_step=(v1 - v0) / n, involuntary_per_step=(i1 - i0) / n,
+                   daemon_cpu_percent=100.0 * (d1 - d0) / (t1 - t0))
+    return out
 
-    The ratio is taken per pair (a change in the machine's load hits both alike) and
-    its median reported; identical bare runs differ by about 5 % on a shared 2-core box.
+
+def bench_tokens(b: Bench, rounds: int, steps: int) -> dict:
+    """tok/s of the same plan run bare and under nanod, in pairs whose order alternates.
+
+    The ratio is taken per pair (a change in the machine's load hits both alike) and its
+    median reported with every pair. Identical bare runs differ by about 5 % on a shared
+    2-core box, so beside the wall-clock ratio come figures that noise hardly moves: the
+    trainer's CPU seconds per step under nanod / bare (more work under nanod?), its
+    voluntary context switches per step (waits, e.g. on I/O), and the daemon's own CPU
+    use while the trainer steps.
     """
-    ratios, bare_all, under_all = [], [], []
     args = {**TPS, "num_iterations": steps, "save_every": 1000}
+    runs: dict[str, list[dict]] = {"bare": [], "under": []}
     for r in range(rounds):
-        cmd = [PY, "-m", "trainer", "base", *(f"--{k}={v}" for k, v in args.items()), f"--model_tag=bare{r}"]
-        env = {**b.env, "PYTORCH_ALLOC_CONF": "expandable_segments:True", "OMP_NUM_THREADS": "1"}
-        bare = step_tps(subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
-        name = f"tps{r}"
-        b.drop(job(name, steps=steps, shape=TPS, env={"OMP_NUM_THREADS": "1"}))
-        until(lambda: b.record(name).get("state") in ("done", "failed"), 600, 0.1)
-        under = step_tps((b.home / "logs" / name / "attempt-001.log").read_text())
-        ratios.append(statistics.median(under) / statistics.median(bare))
-        bare_all += bare
-        under_all += under
-    return ratios, statistics.median(under_all), statistics.median(bare_all)
+        for kind in (("bare", "under") if r % 2 == 0 else ("under", "bare")):
+            if kind == "bare":
+                log = b.home.parent / f"bare{r}.log"
+                cmd = [PY, "-m", "trainer", "base", *(f"--{k}={v}" for k, v in args.items()), f"--model_tag=bare{r}"]
+                env = {**b.env, "PYTORCH_ALLOC_CONF": "expandable_segments:True", "OMP_NUM_THREADS": "1"}
+                with open(log, "w") as out:   # a file, as nanod's attempt log is: the same kind of stdout
+                    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+                runs[kind].append(follow_run(proc.pid, log, steps))
+                if proc.wait() != 0:
+                    raise RuntimeError(f"bare run {r} failed: {log.read_text()[-500:]}")
+            else:
+                name = f"tps{r}"
+                b.drop(job(name, steps=steps, shape=TPS, env={"OMP_NUM_THREADS": "1"}))
+                pid = until(lambda: b.live_pid(name, 1), 120, 0.01)
+                runs[kind].append(follow_run(pid, b.home / "logs" / name / "attempt-001.log", steps, b.daemon.pid))
+                until(lambda: b.record(name).get("state") in ("done", "failed"), 600, 0.1)
+    pairs = list(zip(runs["bare"], runs["under"]))
+    ratio = [statistics.median(u["tps"]) / statistics.median(a["tps"]) for a, u in pairs]
+    cpu = [u["cpu_per_step"] / a["cpu_per_step"] for a, u in pairs if "cpu_per_step" in a and "cpu_per_step" in u]
+
+    def med(kind: str, key: str):
+        vals = [x[key] for x in runs[kind] if key in x]
+        return round(statistics.median(vals), 4) if vals else None
+    return {"ratio": ratio, "cpu_ratio": cpu,
+            "under_tps": statistics.median(x for u in runs["under"] for x in u["tps"]),
+            "bare_tps": statistics.median(x for a in runs["bare"] for x in a["tps"]),
+            "daemon_cpu_percent": [u["daemon_cpu_percent"] for u in runs["under"] if "daemon_cpu_percent" in u],
+            "per_step": {k: {key: med(k, key) for key in ("cpu_per_step", "voluntary_per_step", "involuntary_per_step")}
+                         for k in runs}}
 
 
 def figure(name: str, values, unit: str, target: float, **extra) -> dict:
@@ -204,27 +264,36 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--stall-runs", type=int, default=3)
     ap.add_argument("--idle", type=float, default=30.0)
-    ap.add_argument("--tps-rounds", type=int, default=4)
-    ap.add_argument("--tps-steps", type=int, default=30)
+    ap.add_argument("--tps-rounds", type=int, default=6, help="pairs of runs, bare and under nanod, order alternating")
+    ap.add_argument("--tps-steps", type=int, default=40, help="steps of each run (~0.5 s each here)")
+    ap.add_argument("--only-tps", action="store_true", help="only the tokens/s pairs (skip the other figures)")
     args = ap.parse_args()
     figures = []
     with tempfile.TemporaryDirectory(prefix="nanod-bench-daemon-") as tmp:
         b = Bench(Path(tmp))
         b.start()
         try:
-            rss, cpu = bench_idle(b, args.idle)
-            figures.append(figure("daemon_idle_rss_mb", rss, "MB", 60, seconds=args.idle))
-            figures.append(figure("daemon_idle_cpu_percent", cpu, "%", 1.0, seconds=args.idle))
+            if not args.only_tps:
+                rss, cpu = bench_idle(b, args.idle)
+                figures.append(figure("daemon_idle_rss_mb", rss, "MB", 60, seconds=args.idle))
+                figures.append(figure("daemon_idle_cpu_percent", cpu, "%", 1.0, seconds=args.idle))
             # the tokenizer and data are made on the first trainer start: not part of any figure
             subprocess.run([PY, "-m", "trainer", "base", *(f"--{k}={v}" for k, v in TINY.items()),
                             "--num_iterations=1", "--model_tag=warmup"], env=b.env, cwd=ROOT, capture_output=True)
-            figures.append(figure("drop_to_trainer_start", bench_drop_to_start(b, args.runs), "s", 0.2))
-            figures.append(figure("restart_latency", bench_restart(b, args.runs), "s", 1.0))
-            if args.stall_runs:
-                figures.append(figure("stall_detection_over_timeout", bench_stall(b, args.stall_runs), "s", 2.0))
-            ratios, under, bare = bench_tokens(b, args.tps_rounds, args.tps_steps)
-            figures.append(figure("tokens_per_sec_ratio", ratios, "ratio", 0.99, pairs=[round(x, 3) for x in ratios],
-                                  under_nanod=round(under), bare=round(bare)))
+            if not args.only_tps:
+                figures.append(figure("drop_to_trainer_start", bench_drop_to_start(b, args.runs), "s", 0.2))
+                figures.append(figure("restart_latency", bench_restart(b, args.runs), "s", 1.0))
+                if args.stall_runs:
+                    figures.append(figure("stall_detection_over_timeout", bench_stall(b, args.stall_runs), "s", 2.0))
+            t = bench_tokens(b, args.tps_rounds, args.tps_steps)
+            figures.append(figure("tokens_per_sec_ratio", t["ratio"], "ratio", 0.99,
+                                  pairs=[round(x, 3) for x in t["ratio"]], under_nanod=round(t["under_tps"]),
+                                  bare=round(t["bare_tps"]), steps=args.tps_steps))
+            if t["cpu_ratio"]:
+                figures.append(figure("trainer_cpu_per_step_ratio", t["cpu_ratio"], "ratio", None,
+                                      pairs=[round(x, 3) for x in t["cpu_ratio"]], per_step=t["per_step"]))
+            if t["daemon_cpu_percent"]:
+                figures.append(figure("daemon_cpu_percent_while_training", t["daemon_cpu_percent"], "%", None))
         finally:
             b.stop()
     for f in figures:

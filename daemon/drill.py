@@ -13,6 +13,15 @@ the job has recovered from the previous one:
     bad_files         malformed files dropped into the inbox
     oom               planned: mid asks for more rows than the simulated card holds
 
+The plan is sized for the faults asked for: a short bare run first measures
+this machine's step time, and the plan gets enough steps for every fault to
+land before it ends, even back to back (each fault lets the trainer step for
+a few seconds and redo what it lost); the faults are then spread over the
+whole plan, so every phase gets its share, and sft gets a quarter more steps
+after them as slack for faults that come late. Faults that cannot be injected here are left out of the
+schedule (disk_full needs root and mount for a small filesystem) and the
+report counts what landed, with the reason for any fault that did not.
+
 Then it checks, from the outside: the final weights equal an undisturbed run's
 bit for bit, no two trainers were ever alive at once, no torn checkpoint was
 resumed from, every bad file was rejected, and no fault lost more steps than its
@@ -22,8 +31,10 @@ are compared by `python -m trainer.compare` in a child process.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -36,38 +47,25 @@ from pathlib import Path
 
 import yaml
 
+from daemon.drill_faults import BAD_FILES, FAULTS, SAVE_EVERY, FaultRecord, Faults
 from trainer import layout
 
-FAULTS = ("kill_trainer", "kill_in_save", "stop_trainer", "kill_daemon", "torn_checkpoint", "disk_full", "bad_files")
-SAVE_EVERY = 6
-BAD_FILES = {  # name -> content: each must be rejected, none may hurt the daemon
-    "bad-yaml.yaml": b"phases: [ {phase: base\n",
-    "bad-type.yaml": b"phases: [{phase: base, args: {depth: 'eight'}}]\n",
-    "bad-key.yaml": b"phasez: []\n",
-    "bad-utf8.yaml": b"name: \xff\xfe\n",
-    "bad-name.yaml": b"name: ../../etc\nphases: [{phase: base}]\n",
-}
+PLAN_UNIT = (48, 24, 18)   # base, mid, sft steps of the smallest plan; a bigger one is a multiple
+# Wall seconds one fault lets the trainer step: the drill's pause before a fault (0.3-1.5 s), a killed
+# daemon's survivor stepping until the new daemon stops it (~2 s), the record's lag. Measured in 24-fault
+# drills, steps included that lost work made it redo: 1.1 s a fault on a quiet machine (22 steps at
+# ~50 ms), 1.7 s on a loaded one (16 at ~110 ms). With save_every steps of redo on top, the plan has
+# 1.6-2x what the faults used there.
+FAULT_STEPPING_S = 2.0
+CALIBRATION_STEPS = 10
+# Slack after the faults: sft gets this share of the plan's nominal length on top. The faults are
+# spread over the nominal plan, so a late one (a fault that took longer than its spacing pushes the
+# rest) still finds steps left; measured: without it, 20 of 24 landed, the last ones piled up at the end.
+TAIL_SHARE = 0.25
 
 
 @dataclass
-class FaultRecord:
-    kind: str
-    at: float                    # seconds since the drill's daemon started
-    phase: str = ""
-    step: int | None = None      # steps completed when the fault hit
-    recovery: str = ""
-    took: float | None = None    # fault -> next attempt's first step (or back to running)
-    lost: int | None = None
-    bound: int | None = None
-    note: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.took is not None and (self.lost is None or self.bound is None or self.lost <= self.bound)
-
-
-@dataclass
-class Drill:
+class Drill(Faults):
     seed: int
     faults: int
     workdir: Path
@@ -78,6 +76,7 @@ class Drill:
     max_trainers_seen: int = 0
     samples: int = 0
     tmpfs: bool = False
+    step_seconds: float | None = None   # one optimizer step of the plan, bare, as measured here (calibrate)
 
     # ---- set-up ---------------------------------------------------------------------
     def __post_init__(self):
@@ -89,10 +88,18 @@ class Drill:
         self.daemon: subprocess.Popen | None = None
         self._stop_sampler = threading.Event()
 
+    def scale(self) -> int:
+        """How many PLAN_UNITs the plan needs so that every fault lands before the job ends."""
+        step_s = self.step_seconds or 0.05
+        per_fault = math.ceil(FAULT_STEPPING_S / step_s) + SAVE_EVERY   # stepping, and the lost steps redone
+        return max(1, math.ceil(self.faults * per_fault / sum(PLAN_UNIT)))
+
     def plan(self) -> dict:
         """The drill's plan: the 8 GB plan's shape, scaled down to seconds on a CPU."""
         common = {"total_batch_size": 512, "save_every": SAVE_EVERY}
-        scale = -(-self.faults // len(FAULTS))  # a longer plan for more faults, so they land before the end
+        scale = self.scale()
+        base, mid, sft = (n * scale for n in PLAN_UNIT)
+        sft += math.ceil(TAIL_SHARE * self.nominal_steps())
         return {
             "name": "drill", "model_tag": "drill-d2",
             "env": {"TORCH_COMPILE_DISABLE": "1", "NANOD_FAULT_OOM_ABOVE": "2", "NANOD_FAULT_SLOW_SAVE_MS": "80"},
@@ -101,11 +108,11 @@ class Drill:
             "retention": {"keep_last": 3},
             "phases": [
                 {"phase": "base", "args": {"depth": 2, "max_seq_len": 64, "device_batch_size": 2,
-                                           "num_iterations": 48 * scale, **common}},
+                                           "num_iterations": base, **common}},
                 # 4 rows do not fit the simulated 2-row card: the daemon must back off to 2
-                {"phase": "mid", "args": {"max_seq_len": 64, "device_batch_size": 4, "num_iterations": 24 * scale,
+                {"phase": "mid", "args": {"max_seq_len": 64, "device_batch_size": 4, "num_iterations": mid,
                                           **common}},
-                {"phase": "sft", "args": {"max_tokens": 64, "device_batch_size": 2, "num_iterations": 18 * scale,
+                {"phase": "sft", "args": {"max_tokens": 64, "device_batch_size": 2, "num_iterations": sft,
                                           **common}},
             ],
         }
@@ -154,6 +161,22 @@ class Drill:
         print(f"[{self.now():6.1f}s] {text}", flush=True)
 
     # ---- the undisturbed run ----------------------------------------------------------
+    def calibrate(self) -> float:
+        """Seconds per optimizer step of the plan's base phase, bare, on this machine now (median)."""
+        args = dict(self.plan_args("base"), num_iterations=CALIBRATION_STEPS, save_every=-1,
+                    model_tag="drill-calibrate")
+        argv = [self.python, "-m", "trainer", "base"] + [f"--{k}={v}" for k, v in args.items()]
+        r = subprocess.run(argv, env=dict(self.env(self.ref_root), TORCH_COMPILE_DISABLE="1"),
+                           capture_output=True, text=True)
+        shutil.rmtree(layout.checkpoint_dir(self.ref_root, "base", "drill-calibrate"), ignore_errors=True)
+        dts = sorted(float(m) / 1000 for m in re.findall(r"\| dt: ([\d.]+)ms", r.stdout)[2:])
+        if r.returncode != 0 or not dts:
+            raise RuntimeError(f"calibration run failed: {r.stderr.strip().splitlines()[-1:]}")
+        return dts[len(dts) // 2]
+
+    def plan_args(self, phase: str) -> dict:
+        return next(p["args"] for p in self.plan()["phases"] if p["phase"] == phase)
+
     def run_reference(self) -> None:
         """The same plan with the bare trainer, at the batch size the OOM back-off must reach."""
         spec = self.plan()
@@ -211,112 +234,6 @@ class Drill:
     def ckpt_dir(self, phase: str) -> Path:
         return layout.checkpoint_dir(self.ckpt_root, phase, "drill-d2")
 
-    # ---- the faults ---------------------------------------------------------------------
-    def inject(self, kind: str) -> FaultRecord:
-        try:
-            return self._inject(kind)
-        except ProcessLookupError:  # the attempt ended (its phase completed) just before the fault
-            return FaultRecord(kind, round(self.now(), 1), recovery="-", took=0.0,
-                               note="skipped: the attempt ended just before the fault landed")
-
-    def _inject(self, kind: str) -> FaultRecord:
-        att = self.wait_for(self.stepping_attempt, 120, "a running attempt")
-        time.sleep(self.rng.uniform(0.3, 1.5))
-        if kind in ("kill_trainer", "torn_checkpoint"):
-            # between saves: a save is durable only once its background write lands, so a kill while one
-            # is in flight can lose up to 2 x save_every; that case is kill_in_save's, with its own bound
-            try:
-                self.wait_for(lambda: not saving(self.ckpt_dir(att["phase"])), 20, "no save in flight")
-            except TimeoutError:
-                pass
-        att = self.running_attempt() or att
-        fr = FaultRecord(kind, round(self.now(), 1), att["phase"], self.steps_done(), bound=SAVE_EVERY)
-        n = att["n"]
-        if kind == "kill_in_save":
-            d = self.ckpt_dir(att["phase"])
-            try:
-                self.wait_for(lambda: saving(d), 20, "a save")
-                fr.note = "during a save"
-            except TimeoutError:
-                fr.note = "no save seen in 20s; killed between saves"
-            fr.step = self.steps_done()
-            fr.bound = 2 * SAVE_EVERY  # the loop runs at most one save ahead of the write in flight
-            os.killpg(att["pgid"], signal.SIGKILL)
-        elif kind == "kill_trainer":
-            os.killpg(att["pgid"], signal.SIGKILL)
-        elif kind == "stop_trainer":
-            os.kill(att["pid"], signal.SIGSTOP)
-        elif kind == "kill_daemon":
-            self.daemon.kill()
-            self.daemon.wait()
-            fr.bound = 0  # the survivor is stopped gracefully: an emergency checkpoint, nothing lost
-            self.start_daemon()
-        elif kind == "torn_checkpoint":
-            d = self.ckpt_dir(att["phase"])
-            newest = layout.latest_complete(d)
-            if newest is None:
-                fr.note = "no checkpoint yet; plain kill"
-            else:
-                model = layout.model_path(d, newest)
-                os.truncate(model, model.stat().st_size // 2)
-                self.torn.add((att["phase"], newest, n))
-                fr.note = f"cut model_{newest:06d}.pt in half"
-                fr.bound = 2 * SAVE_EVERY  # the checkpoint before the torn one is the newest usable
-            os.killpg(att["pgid"], signal.SIGKILL)
-        elif kind == "disk_full":
-            return self.fill_disk(fr)
-        elif kind == "bad_files":
-            return self.drop_bad_files(fr)
-        new = self.wait_for(lambda: self.stepping_attempt(after_n=n) or self.finished(), 180, f"recovery from {kind}")
-        fr.took = round(self.now() - fr.at, 1)
-        if new is True:  # the phase's last step landed as the fault did: nothing left to relaunch
-            fr.recovery, fr.lost = f"the job finished ({self.record().get('state')})", 0
-            return fr
-        fr.recovery = f"attempt {new['n']} resumed from step {new.get('resumed_from')}"
-        # the ended attempt's last step as its whole log says (progress on record lags by up to 0.5 s)
-        ended = self.record().get("attempts", [])[n - 1]
-        fr.step = ended.get("last_step") if ended.get("last_step") is not None else fr.step
-        if new["phase"] == fr.phase and fr.step is not None:
-            fr.lost = max(0, fr.step - (new.get("resumed_from") or 0))
-        return fr
-
-    def fill_disk(self, fr: FaultRecord) -> FaultRecord:
-        if not self.tmpfs:
-            fr.note, fr.took, fr.recovery = "skipped: no small filesystem (needs root and mount)", 0.0, "-"
-            return fr
-        ballast = self.ckpt_root / "ballast"
-        free = shutil.disk_usage(self.ckpt_root).free
-        # real blocks (a sparse file takes no space), leaving less than one checkpoint free
-        subprocess.run(["dd", "if=/dev/zero", f"of={ballast}", "bs=1M", f"count={max(1, (free - 1_000_000) >> 20)}"],
-                       capture_output=True)
-        try:
-            self.wait_for(lambda: self.record().get("state") in ("paused", "waiting"), 60, "a pause for disk")
-            fr.recovery = self.record().get("reason", "")[:60]
-        except TimeoutError:
-            fr.note = "the job never paused"
-        time.sleep(2)
-        ballast.unlink()
-        freed_at = self.now()
-        step = self.steps_done() or 0
-        self.wait_for(lambda: self.finished() or (self.record().get("state") == "running"
-                                                  and (self.steps_done() or 0) > step), 120,
-                      "resumption after disk space returned")
-        fr.took = round(self.now() - freed_at, 1)
-        fr.note = (fr.note + "; " if fr.note else "") + "took = space returned -> stepping again"
-        fr.lost, fr.bound = 0, 0
-        return fr
-
-    def drop_bad_files(self, fr: FaultRecord) -> FaultRecord:
-        inbox = self.home / "jobs"
-        for name, content in BAD_FILES.items():
-            (inbox / f".{name}.tmp").write_bytes(content)
-            os.replace(inbox / f".{name}.tmp", inbox / name)
-        self.wait_for(lambda: all((inbox / f"{n}.rejected").exists() for n in BAD_FILES), 30, "rejections")
-        fr.took = round(self.now() - fr.at, 1)
-        fr.recovery = f"{len(BAD_FILES)} files rejected with a reason; daemon alive: {self.daemon.poll() is None}"
-        fr.lost, fr.bound = 0, 0
-        return fr
-
     # ---- watching from outside ------------------------------------------------------------
     def sample_trainers(self) -> None:
         while not self._stop_sampler.wait(0.02):
@@ -329,6 +246,10 @@ class Drill:
         print(f"nanod drill: seed {self.seed}, {self.faults} faults, in {self.workdir}")
         self.setup()
         try:
+            self.say("measuring this machine's step time (bare trainer)...")
+            self.step_seconds = self.calibrate()
+            steps = sum(p["args"]["num_iterations"] for p in self.plan()["phases"])
+            self.say(f"{self.step_seconds * 1000:.0f} ms a step: a plan of {steps} steps for {self.faults} faults")
             self.say("undisturbed reference run (bare trainer)...")
             self.run_reference()
             self.say("reference done; starting the daemon and dropping the plan")
@@ -338,9 +259,14 @@ class Drill:
             self.wait_for(lambda: inbox.is_dir() and (self.home / "state" / "daemon.json").exists(), 30, "the daemon")
             (inbox / ".drill.yaml.tmp").write_text(yaml.safe_dump(self.plan()))
             os.replace(inbox / ".drill.yaml.tmp", inbox / "drill.yaml")
-            for kind in self.schedule():
+            for i, kind in enumerate(self.schedule()):
                 if self.record().get("state") in ("done", "failed"):
                     break
+                try:
+                    self.wait_for(lambda: self.finished() or self.steps_into_plan() >= self.due_step(i),
+                                  1800, f"step {self.due_step(i)} of the plan")
+                except TimeoutError:
+                    pass   # late: the fault goes in now and its recovery says how the job is
                 self.say(f"fault: {kind}")
                 try:
                     fr = self.inject(kind)
@@ -367,13 +293,46 @@ class Drill:
             if src.exists():
                 shutil.copyfile(src, self.workdir / "final-model.pt")
 
+    def nominal_steps(self) -> int:
+        """The plan's length before the tail: what the faults are spread over."""
+        return sum(PLAN_UNIT) * self.scale()
+
+    def due_step(self, i: int) -> int:
+        """Fault i waits for this many steps into the whole plan: the faults are spread over every
+        phase (the plan has room for all of them back to back, and the tail after them)."""
+        return self.nominal_steps() * i // self.faults
+
+    def steps_into_plan(self) -> int:
+        """Steps the job has done over its whole plan: earlier phases' lengths plus this phase's progress."""
+        rec = self.record()
+        phases = self.plan()["phases"]
+        i = min(rec.get("phase_index", 0), len(phases))
+        prog = rec.get("progress") or {}
+        here = (prog.get("step") or 0) if i < len(phases) and prog.get("phase") == phases[i]["phase"] else 0
+        return sum(p["args"]["num_iterations"] for p in phases[:i]) + here
+
+    def kinds(self) -> tuple[str, ...]:
+        """The fault kinds that can be injected here: disk_full needs the small filesystem."""
+        return tuple(k for k in FAULTS if k != "disk_full" or self.tmpfs)
+
     def schedule(self) -> list[str]:
-        """Every fault once (seeded order), then random ones up to --faults."""
-        kinds = list(FAULTS)
+        """Every injectable fault once (seeded order), then random ones up to --faults."""
+        kinds = list(self.kinds())
         self.rng.shuffle(kinds)
         while len(kinds) < self.faults:
-            kinds.append(self.rng.choice(FAULTS))
+            kinds.append(self.rng.choice(self.kinds()))
         return kinds[: self.faults]
+
+    def injected_line(self) -> str:
+        """How many faults landed of those asked for, and why any did not."""
+        landed = sum(f.landed for f in self.records)
+        why = [f"{f.kind}: {f.note}" for f in self.records if not f.landed]
+        if len(self.records) < self.faults:
+            why.append(f"{self.faults - len(self.records)} never tried: the job ended first (the faults "
+                       "before them took more steps than the plan allowed for)")
+        if "disk_full" not in self.kinds():
+            why.append("disk_full not scheduled: it needs root and mount for a small filesystem")
+        return f"faults injected: {landed} of {self.faults}" + (f" ({'; '.join(why)})" if why else "")
 
     def check(self) -> None:
         rec = self.record()
@@ -415,23 +374,15 @@ class Drill:
             if f.note:
                 print(f"{'':<16}{'':>7}  {f.note}")
         print()
+        print(self.injected_line())
         for ok, text in self.checks:
             print(f"{'PASS' if ok else 'FAIL'}  {text}")
-        out = {"seed": self.seed, "faults": [asdict(f) for f in self.records],
+        out = {"seed": self.seed, "faults_asked": self.faults, "step_seconds": self.step_seconds,
+               "plan_steps": sum(p["args"]["num_iterations"] for p in self.plan()["phases"]), "injected": self.injected_line(),
+               "faults": [asdict(f) for f in self.records],
                "checks": [{"ok": ok, "check": t} for ok, t in self.checks]}
         (self.workdir / "drill.json").write_text(json.dumps(out, indent=1))
         print(f"\nresults: {self.workdir / 'drill.json'}  (rerun: nanod drill --seed {self.seed} --faults {self.faults})")
-
-
-def saving(ckpt_dir: Path) -> bool:
-    """A checkpoint is being written: a hidden temp file, or a newest step without its meta yet."""
-    try:
-        if any(layout.is_temp(p) for p in ckpt_dir.iterdir()):
-            return True
-    except OSError:
-        return False
-    steps = layout.list_steps(ckpt_dir)
-    return bool(steps) and steps[-1] != layout.latest_complete(ckpt_dir)
 
 
 def trainer_pids(ckpt_root: Path) -> list[int]:

@@ -14,10 +14,15 @@ def default_home() -> Path:
     return Path(data).expanduser() / "nanod"
 
 
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/nanod (~/.cache/nanod): per user and machine, whatever the home."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "nanod"
+
+
 def default_lock_dir() -> Path:
     # per user and machine, shared by every home: the GPU is one whatever the home
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache).expanduser() / "nanod" / "locks"
+    return user_cache_dir() / "locks"
 
 
 def bootstrap_home(home: Path | str | None) -> Path:

@@ -37,3 +37,16 @@ def test_gpu_check_on_a_real_gpu_backs_off_from_a_real_cuda_oom(tmp_path):
     r = subprocess.run([PYTHON, "-m", "bench.gpu_check", "--out", str(tmp_path), "--base-steps", "10"], cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_tokens_per_sec_pairs_alternate_and_come_with_cpu_per_step_and_the_daemons_cpu(tmp_path):
+    r = subprocess.run([PYTHON, "-m", "bench.bench_daemon", "--only-tps", "--tps-rounds", "2", "--tps-steps", "8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    figs = {f["name"]: f for f in map(json.loads, (line for line in r.stdout.splitlines() if line.startswith("{")))}
+    assert len(figs["tokens_per_sec_ratio"]["pairs"]) == 2 and figs["tokens_per_sec_ratio"]["steps"] == 8
+    cpu = figs["trainer_cpu_per_step_ratio"]
+    assert cpu["target"] is None and 0.5 < cpu["median"] < 2.0
+    assert set(cpu["per_step"]) == {"bare", "under"} and cpu["per_step"]["under"]["cpu_per_step"] > 0
+    assert 0 <= figs["daemon_cpu_percent_while_training"]["median"] < 50
