@@ -29,7 +29,7 @@ def small_model(vocab=512, seed=0) -> GPT:
 
 def grads_of(model, x, y, fused) -> tuple[float, dict]:
     model.zero_grad()
-    loss = model.loss(x, y, fused=fused) / max(1, int((y != -1).sum()))
+    loss = model(x, y, fused=fused) / max(1, int((y != -1).sum()))
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -79,7 +79,7 @@ def test_the_fused_loss_without_gradients_is_the_same_loss():
     model = small_model()
     x, y = batch()
     with torch.no_grad():
-        assert model.loss(x, y, fused=True).item() == pytest.approx(model.loss(x, y).item(), rel=1e-5)
+        assert model(x, y, fused=True).item() == pytest.approx(model(x, y).item(), rel=1e-5)
 
 
 @pytest.mark.skipif(not kernels.ONEDNN, reason="this torch build has no oneDNN (mkldnn) linear")
@@ -123,7 +123,7 @@ model.init_weights()
 x = torch.randint(0, 4096, (4, 128))
 def faults_of_one_micro_batch():  # the plain loss: 8 MiB logits and their gradients, freed at its end
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    model.loss(x, x).backward()
+    model(x, x).backward()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 for _ in range(3):
     faults_of_one_micro_batch()

@@ -18,7 +18,6 @@ memory comes from, never a value, so results are bitwise the same.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD = -1   # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -29,7 +28,7 @@ TRIM_THRESHOLD = 2**30
 def keep_freed_blocks() -> bool:
     """Raise glibc's mmap and trim thresholds; True when glibc took both."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols already loaded: libc's, without find_library's ldconfig run
         mallopt = libc.mallopt
         if not hasattr(libc, "gnu_get_libc_version"):
             return False  # not glibc: another allocator with other knobs (or none)

@@ -10,7 +10,7 @@ The rest of the head's time went to ~12 elementwise passes over the
 
 - `linear` is F.linear, through oneDNN for float32 CPU tensors in eager mode
   (under torch.compile, on CUDA, or without oneDNN it is F.linear itself).
-- `SoftcappedCrossEntropy` is the loss of GPT.loss(fused=True): chunks of rows
+- `SoftcappedCrossEntropy` is the loss of GPT(idx, targets, fused=True): chunks of rows
   whose logits stay in cache, the gradients worked out in the forward pass.
 
 Both are deterministic (a fixed order of the same kernels for the same shapes

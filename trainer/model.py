@@ -138,10 +138,22 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (float32, softcapped) for token ids of shape (B, T)."""
-        logits = self.lm_head(self.hidden(idx)).float()
-        return self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, fused: bool = False) -> torch.Tensor:
+        """Logits (float32, softcapped) for token ids of shape (B, T); with targets, the loss instead.
+
+        The loss is the cross-entropy summed over the targets that are not -1 (0-d, float32), as
+        nanochat's forward(idx, targets) gives it, so that a wrapper (torch.compile, DDP) sees one
+        call. fused=True (eager training on the CPU) gets the same value and gradients from
+        trainer.kernels.SoftcappedCrossEntropy without ever holding the (B*T, vocab) logits.
+        """
+        h = self.hidden(idx)
+        if targets is not None and fused:
+            return SoftcappedCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.SOFTCAP)
+        logits = self.lm_head(h).float()
+        logits = self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """The normed last hidden state (B, T, n_embd), what lm_head reads."""
@@ -151,19 +163,6 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin)
         return norm(x)
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
-        """Cross-entropy of forward(idx) summed over the targets that are not -1 (0-d, float32).
-
-        fused=False is the plain form, for torch.compile to fuse as it likes. fused=True
-        (eager training on the CPU) gets the same value and gradients from
-        trainer.kernels.SoftcappedCrossEntropy without ever holding the (B*T, vocab) logits.
-        """
-        if fused:
-            h = self.hidden(idx).flatten(0, 1)
-            return SoftcappedCrossEntropy.apply(h, self.lm_head.weight, targets.flatten(), self.SOFTCAP)
-        logits = self.forward(idx)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

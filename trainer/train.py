@@ -105,12 +105,12 @@ class Trainer:
         self.loader = loader_cls(plan.source, plan.tok, plan.seq_len, data_state)
         use_compile = o.compile == "1" or (o.compile == "auto" and cuda)
         if use_compile and os.environ.get("TORCH_COMPILE_DISABLE") != "1":
-            # the loss inside the graph, as nanochat compiles model(x, y): softcap and
+            # model(x, y): the loss inside the graph, as nanochat compiles it, so softcap and
             # cross-entropy fuse with the head instead of running eagerly on the logits
-            self.loss_of = torch.compile(model.loss, dynamic=False)
+            self.loss_of = torch.compile(model, dynamic=False)
         else:
             # eager: on the CPU the chunked head+loss (no whole logits tensor); elsewhere the plain one
-            self.loss_of = functools.partial(model.loss, fused=self.device.type == "cpu")
+            self.loss_of = functools.partial(model, fused=self.device.type == "cpu")
         self.autocast = (torch.amp.autocast("cuda", dtype=getattr(torch, o.dtype))
                          if cuda and o.dtype != "float32" else nullcontext())
         self.writer = CheckpointWriter(should_abort=stop.requested, slow_ms=faults.slow_save_ms)
