@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
 
+from bench import bench_vs_nanochat
 from bench.__main__ import verdict
 from tests.conftest import PYTHON, ROOT
 
@@ -16,6 +18,37 @@ def test_verdict_reads_ratios_of_tokens_as_lower_bounds_and_the_rest_as_upper_bo
     assert verdict({"name": "restart_latency", "median": 0.4, "target": 1.0}) == "pass"
     assert verdict({"name": "status", "median": 0.5, "target": 0.3}) == "FAIL"
     assert verdict({"name": "trainer_tokens_per_sec_cpu", "median": 9000, "target": None}) == "info"
+    assert verdict({"name": "vs_nanochat_tokens_per_sec_ratio", "median": 1.2, "target": 1.0}) == "pass"
+    assert verdict({"name": "vs_nanochat_tokens_per_sec_ratio", "median": 0.8, "target": 1.0}) == "FAIL"
+    assert verdict({"name": "vs_nanochat_tokens_per_sec_ratio", "median": None, "target": 1.0, "skipped": "no nanochat"}) \
+        == "skipped"
+
+
+def figures_of(stdout: str) -> dict:
+    return {f["name"]: f for f in map(json.loads, (ln for ln in stdout.splitlines() if ln.startswith("{")))}
+
+
+def test_the_nanochat_comparison_without_nanochat_reports_its_figure_skipped_with_the_reason(tmp_path):
+    env = {**os.environ, "NANOCHAT_SRC": str(tmp_path / "nowhere")}
+    r = subprocess.run([PYTHON, "-m", "bench.bench_vs_nanochat", "--smoke"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    fig = figures_of(r.stdout)["vs_nanochat_tokens_per_sec_ratio"]
+    assert fig["median"] is None and str(tmp_path / "nowhere") in fig["skipped"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bench_vs_nanochat.missing() is not None, reason=bench_vs_nanochat.missing() or "")
+def test_the_nanochat_comparison_smoke_runs_both_trainers_on_one_shape_and_reports_their_ratio():
+    # the first run on a machine compiles nanochat's model (a minute or two on 2 cores); later ones reuse the cache
+    r = subprocess.run([PYTHON, "-m", "bench.bench_vs_nanochat", "--smoke"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "2 layers x 128 wide, vocab 4096" in r.stderr
+    figs = figures_of(r.stdout)
+    ratio = figs["vs_nanochat_tokens_per_sec_ratio"]
+    assert ratio["median"] > 0 and len(ratio["pairs"]) == 1 and ratio["target"] == 1.0
+    assert figs["builtin_tok_s_nanochat_shape"]["median"] > 0 and figs["nanochat_base_train_tok_s"]["median"] > 0
 
 
 @pytest.mark.slow

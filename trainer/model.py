@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainer.kernels import SoftcappedCrossEntropy, linear
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -44,6 +46,16 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+class Linear(nn.Linear):
+    """nn.Linear without a bias, its product through trainer.kernels.linear (the CPU fast path); same state dict."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -55,10 +67,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
         self.head_dim = cfg.n_embd // cfg.n_head
-        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.c_q = Linear(cfg.n_embd, cfg.n_head * self.head_dim)
+        self.c_k = Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim)
+        self.c_v = Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
@@ -76,8 +88,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd)
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
@@ -101,7 +113,7 @@ class GPT(nn.Module):
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size)
         # rotary tables are derived, not learned: kept out of the state dict;
         # 10x the training length so sft/inference may run a little longer
         cos, sin = self._rotary_tables(cfg.sequence_len * 10, cfg.n_embd // cfg.n_head)
@@ -126,15 +138,32 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (float32, softcapped) for token ids of shape (B, T)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, fused: bool = False) -> torch.Tensor:
+        """Logits (float32, softcapped) for token ids of shape (B, T); with targets, the loss instead.
+
+        The loss is the cross-entropy summed over the targets that are not -1 (0-d, float32), as
+        nanochat's forward(idx, targets) gives it, so that a wrapper (torch.compile, DDP) sees one
+        call. fused=True (eager training on the CPU) gets the same value and gradients from
+        trainer.kernels.SoftcappedCrossEntropy without ever holding the (B*T, vocab) logits.
+        """
+        h = self.hidden(idx)
+        if targets is not None and fused:
+            return SoftcappedCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.SOFTCAP)
+        logits = self.lm_head(h).float()
+        logits = self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The normed last hidden state (B, T, n_embd), what lm_head reads."""
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         x = norm(self.wte(idx))
         for block in self.blocks:
             x = block(x, cos, sin)
-        logits = self.lm_head(norm(x)).float()
-        return self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
+        return norm(x)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from trainer.kernels import matmul_nt
+
 # quintic Newton-Schulz coefficients tuned for fast convergence of the singular
 # values towards ~1 (Keller Jordan's Muon); 5 steps are enough for training
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -29,8 +31,11 @@ def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
         x = x.mT
     x = x / (x.norm() + 1e-7)
     for _ in range(steps):
-        m = x @ x.mT
-        x = a * x + (b * m + c * m @ m) @ x
+        # x <- a x + (b m + c m @ m) @ x with m = x @ x.T; products through kernels.matmul_nt
+        # (oneDNN on the CPU, twice MKL's speed on AMD), sums in place
+        m = matmul_nt(x, x)
+        p = matmul_nt(m, m.t()).mul_(c).add_(m, alpha=b)
+        x = matmul_nt(p, x.t()).add_(x, alpha=a)
     if tall:
         x = x.mT
     return x.to(g.dtype)

@@ -26,6 +26,7 @@ prints the step lines and notes; every rank saves its part of a checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import math
 import os
@@ -35,13 +36,13 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from trainer import exitcodes, layout
 from trainer.checkpoint import CheckpointWriter, DiskWaitAborted, remove_stale_temps, wait_for_disk
 from trainer.data import SFTLoader, StreamLoader
 from trainer.distributed import Group, pick_device
 from trainer.faults import Faults
+from trainer.host_alloc import keep_freed_blocks
 from trainer.model import GPT
 from trainer.optim import build_optimizers
 from trainer.setup import Plan
@@ -74,6 +75,8 @@ class Trainer:
         o = plan.opts
         self.device = group.device or pick_device(o.device_type)
         cuda = self.device.type == "cuda"
+        if self.device.type == "cpu":
+            keep_freed_blocks()  # before the model exists: each CPU step reuses its memory instead of faulting it in
         faults.limit_vram(self.device)
         torch.manual_seed(o.seed)
         with torch.device(self.device):
@@ -111,9 +114,12 @@ class Trainer:
         self.loader = loader_cls(plan.source, plan.tok, plan.seq_len, data_state)
         use_compile = o.compile == "1" or (o.compile == "auto" and cuda)
         if use_compile and os.environ.get("TORCH_COMPILE_DISABLE") != "1":
-            self.forward = torch.compile(model, dynamic=False)
+            # model(x, y): the loss inside the graph, as nanochat compiles it, so softcap and
+            # cross-entropy fuse with the head instead of running eagerly on the logits
+            self.loss_of = torch.compile(model, dynamic=False)
         else:
-            self.forward = model
+            # eager: on the CPU the chunked head+loss (no whole logits tensor); elsewhere the plain one
+            self.loss_of = functools.partial(model, fused=self.device.type == "cpu")
         self.autocast = (torch.amp.autocast("cuda", dtype=getattr(torch, o.dtype))
                          if cuda and o.dtype != "float32" else nullcontext())
         self.writer = CheckpointWriter(should_abort=stop.requested, slow_ms=faults.slow_save_ms, group=group)
@@ -143,12 +149,10 @@ class Trainer:
                 self.faults.before_forward(B)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 with self.autocast:
-                    logits = self.forward(x)
-                loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
-                                       reduction="sum") / n_targets
+                    loss = self.loss_of(x, y) / n_targets
                 loss.backward()
                 total += loss.detach()
-                del logits, loss
+                del loss
             out_of_memory = None
         except torch.OutOfMemoryError as e:
             if not group.active:
