@@ -276,16 +276,21 @@ class SlurmJob:
     # -- stopping
     def terminate(self) -> None:
         """The trainer saves and stops: SIGCONT to all of the job, USR2 to the script (which sends one
-        SIGTERM on). A job that is not running has nothing to save: scancel."""
-        if self.info is not None and self.info.state in PENDING:
+        SIGTERM on). A job that is not running has nothing to save, and scancel --signal would wait on
+        it for minutes ("try again later"): scancel."""
+        try:
+            info = show_job(self.job_id)   # now, not as last polled: it may have been requeued since
+        except SlurmError:
+            info = None
+        if info is not None:
+            self._see(info)
+        if self.info is None or self.info.state != "RUNNING":
             return self.kill()
         for argv in (["scancel", "--full", "--signal=CONT", self.job_id],
                      ["scancel", "--batch", "--signal=USR2", self.job_id]):
             try:
                 run_client(argv)
             except SlurmError as e:
-                if "pending" in str(e).lower():
-                    return self.kill()
                 self.events.append(("slurm_trouble", f"{' '.join(argv)}: {e}"))
         self._next_poll = 0.0
 
