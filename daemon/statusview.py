@@ -30,7 +30,8 @@ LOSS_POINTS = 200           # recent (step, loss) pairs kept per job
 # as "started", "resumed", "pruned" is left out)
 NOTABLE_KINDS = {"crashed", "restart", "stalled", "oom", "oom_backoff", "gave_up", "failed", "bad_args",
                  "preflight_failed", "preflight_warning", "paused", "waiting", "survivor", "killed", "error",
-                 "prune_error", "phase_done", "done", "cancelled", "requeued", "retry", "relaunch", "disk_low"}
+                 "prune_error", "phase_done", "done", "cancelled", "requeued", "retry", "relaunch", "disk_low",
+                 "slurm_requeue", "slurm_trouble", "adopted", "left_running"}
 
 
 # ---- the outside world (replaced by a fixed one in tests) ---------------------------

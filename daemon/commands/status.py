@@ -204,7 +204,8 @@ def _job_block(sc: _Screen, j: dict, daemon_up: bool, now: float) -> None:
         alive = a.get("alive")
         note = "" if alive is None else "; its trainer is still running" if alive else "; its trainer is not running"
         sc.para("  ", "as recorded before the daemon stopped" + note, "yellow")
-    if j["reason"] and j["state"] != "running":
+    said = j.get("slurm") and j["slurm"].get("job_id") and j["reason"].startswith(f"SLURM job {j['slurm']['job_id']} ")
+    if j["reason"] and j["state"] != "running" and not said:   # (the slurm line says it already)
         sc.para("  ", j["reason"], STATE_STYLE[j["state"]])
     if j["state"] == "backing_off" and j.get("next_attempt_at") is not None:
         sc.add((f"  next attempt in {_dur(max(0.0, j['next_attempt_at'] - now))}", "yellow"))
