@@ -240,7 +240,7 @@ class SlurmJob:
             "REVOKED": (Outcome.CRASHED, f"{limit} was revoked"),
             "CANCELLED": (Outcome.CANCELLED, f"{limit} was cancelled (scancel)"),
         }.get(state)
-        if code == 0:
+        if marks and code == 0:
             self.ended_by = None   # the trainer completed (and said so), whatever came after
         return True
 
