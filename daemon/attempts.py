@@ -208,7 +208,7 @@ class Attempts:
             proc = launcher.start(rec, launch, env, log_file, reservation,
                                   header=f"job {rec.name}, phase {phase}, attempt {n}: {' '.join(launch.argv)}")
         except OSError as e:
-            error = f"{launch.argv[0]}: {e.strerror or e}"
+            error = str(e) if getattr(e, "names_program", False) else f"{launch.argv[0]}: {e.strerror or e}"
             self.queue.end_attempt(rec, outcome=Outcome.FAILED_TO_START.value, exit_code=None, error=error)
             d = supervisor.decide(Outcome.FAILED_TO_START, phase=phase, phase_index=i, n_phases=len(spec.phases),
                                   recovery=spec.recovery, restarts_without_progress=rec.restarts_without_progress,

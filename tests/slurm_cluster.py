@@ -130,10 +130,11 @@ class Cluster:
         while not condition():
             dead = [n for n, p in self.procs.items() if p.poll() is not None]
             if dead or time.monotonic() > deadline:
-                self.stop()
                 why = f"{', '.join(dead)} exited" if dead else f"timed out after {timeout:.0f}s"
-                raise RuntimeError(f"private SLURM cluster in {self.dir}: {why} waiting for {what}; "
-                                   f"see {self.dir}/log/")
+                logs = " | ".join(f"{p.name}: {p.read_text(errors='replace').strip().splitlines()[-1]}"
+                                  for p in sorted((self.dir / "log").glob("*.log")) if p.read_text(errors="replace").strip())
+                self.stop()
+                raise RuntimeError(f"private SLURM cluster: {why} waiting for {what}; last log lines: {logs}")
             time.sleep(0.2)
 
     def _node_ready(self) -> bool:

@@ -306,3 +306,18 @@ def test_cancel_stops_a_running_batch_job_after_its_emergency_checkpoint_and_sca
     out = env.nanod("cancel", "held")   # no daemon: the command scancels it itself
     assert out.returncode == 0 and env.state("held") == "cancelled", out.stdout + out.stderr
     assert slurm_id(held) not in [i for i, _, _ in cluster.jobs()]
+
+
+def test_a_job_sbatch_refuses_fails_with_sbatchs_own_words_and_a_gpu_job_runs_torchrun_inside(env, cluster):
+    """This cluster has no GPUs: sbatch refuses gres=gpu:2. The job fails at once, naming sbatch's reason,
+    and the script it wrote runs one rank per GPU through torchrun inside the allocation."""
+    env.daemon()
+    env.drop(slurm_plan("wide", steps=8, save_every=4, slurm={"gres": "gpu:2"}))
+    rec = env.wait_state("wide", "failed", timeout=60)
+    assert rec.attempts[0].outcome == "failed_to_start" and rec.reason.startswith("base: the trainer could not be "
+                                                                                  "started: sbatch: error: ")
+    text = (env.home / "slurm" / "wide" / "attempt-001.sh").read_text()
+    assert "#SBATCH --gres=gpu:2" in text
+    assert "-m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=2 --max-restarts=0 -m trainer base" \
+        in text and "--resume_from_step=auto" in text
+    assert not [j for j in cluster.jobs() if j[1].startswith("wide.a")]

@@ -62,7 +62,9 @@ _DROP = {"CUDA_VISIBLE_DEVICES"}
 
 
 class SlurmError(OSError):
-    """A SLURM command failed; str() is its one-line error."""
+    """A SLURM command failed; str() is its one-line error, naming the command."""
+
+    names_program = True   # (attempts.py does not prefix the trainer's interpreter to it)
 
 
 def run_client(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
@@ -78,7 +80,8 @@ def run_client(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path 
         raise SlurmError(f"{argv[0]}: {e.strerror or e}") from None
     if r.returncode != 0:
         lines = [ln.strip() for ln in (r.stderr or r.stdout).splitlines() if ln.strip()]
-        raise SlurmError(f"{argv[0]}: {lines[-1] if lines else f'exit {r.returncode}'}")
+        line = lines[-1] if lines else f"exit {r.returncode}"
+        raise SlurmError(line if line.startswith(f"{argv[0]}: ") else f"{argv[0]}: {line}")
     return r.stdout
 
 
