@@ -252,3 +252,11 @@ def test_preflight_does_not_judge_a_slurm_jobs_vram_by_this_machines_gpus(tmp_pa
     checks = check_phase(settings, job("{gres: 'gpu:1'}"), 0, gpus=GpuReading("nvml", [GpuInfo(0, "small", 1, 1, 0)]))
     vram = next(c for c in checks if c.name == "base vram")
     assert vram.level == "OK" and "on SLURM (the default partition, gpu:1): not checked here" in vram.message
+
+
+def test_the_shipped_slurm_plan_runs_four_ranks_on_its_allocation_and_checkpoints_before_its_time_limit():
+    from daemon.spec import load_job_file
+    from tests.conftest import ROOT
+    spec = load_job_file(ROOT / "jobs" / "examples" / "slurm-4xa100.yaml")
+    assert spec.world_size == 4 and spec.gpu_indices == [] and spec.slurm.time == "24:00:00"
+    assert spec.slurm.checkpoint_grace >= spec.recovery.kill_grace, "the time-limit stop gets the grace a stop gets"
