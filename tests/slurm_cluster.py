@@ -160,9 +160,18 @@ class Cluster:
         r = self.run("squeue", "-h", "-o", "%i|%j|%T", check=False)
         return [tuple(line.split("|", 2)) for line in r.stdout.splitlines() if line.count("|") == 2]
 
-    def start_now(self, job_id: str) -> None:
-        """A requeued job waits ~2 min (BeginTime) by SLURM's design: start it at once."""
+    def start_now(self, job_id: str) -> bool:
+        """A requeued job waits ~2 min (BeginTime) by SLURM's design: start it at once. Only once it is
+        PENDING and its old run is gone: started while the requeue is still ending that run, SLURM kills
+        it ("Killing non-startable batch job: Job credential revoked") and the job FAILS."""
+        info = self.job(job_id)
+        if info.get("JobState") != "PENDING" or info.get("Reason") != "BeginTime":
+            return False
+        if any(i == str(job_id) and state != "PENDING" for i, _, state in self.jobs()):
+            return False
+        time.sleep(1.0)
         self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
+        return True
 
     def cancel_all(self, timeout: float = 30) -> None:
         ids = [j[0] for j in self.jobs()]
@@ -188,7 +197,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not os.environ.get("NANOD_SLURM_KEEP"):   # set it to read the cluster's logs after a failure
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

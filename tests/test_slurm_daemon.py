@@ -140,7 +140,7 @@ def requeue_and_restart(cluster, job_id: str, log, allocs: Allocations, runs: in
     cluster.run("scontrol", "requeue", job_id)
     allocs.until(lambda: cluster.job(job_id).get("JobState") == "PENDING", 60, "the job to pend after its requeue")
     t1 = time.monotonic()
-    cluster.start_now(job_id)
+    wait_until(lambda: cluster.start_now(job_id), 30, message="the requeued job to be startable")
     mark = f"# nanod: slurm job {job_id} run {runs} on"
     allocs.until(lambda: (text := log.read_text()) and mark in text
                  and step_lines(text[text.index(mark):]), 120, "a step line of the requeued run")
@@ -195,16 +195,17 @@ def test_near_the_time_limit_the_trainer_saves_and_the_job_requeues_itself_until
     """--time=1 (a minute) with checkpoint_grace 20s: USR1 to the script, SIGTERM to the trainer, an emergency
     checkpoint, `scontrol requeue` by the script itself, and the next run resumes from it: nothing lost."""
     env.daemon()
-    env.drop(slurm_plan("limited", steps=250, save_every=50, slurm={"time": "1", "checkpoint_grace": "20s"},
-                        env={"NANOD_FAULT_SLOW_STEP_MS": "150"}))
+    # 180 steps of >= 200 ms: more than a run gets before its signal (~30 s in), and the run after it ends
+    # well before its own signal (a signal that lands as the trainer exits would cost a relaunch)
+    env.drop(slurm_plan("limited", steps=180, save_every=50, slurm={"time": "1", "checkpoint_grace": "20s"},
+                        env={"NANOD_FAULT_SLOW_STEP_MS": "200"}))
     allocs = Allocations(cluster, "limited")
     rec = allocs.until(lambda: (r := env.rec("limited")) and r.attempts and r.attempts[-1].slurm and r, 60,
                        "the batch job")
     job_id, log = slurm_id(rec), env.home / rec.attempts[0].log
 
     def finished() -> bool:
-        if cluster.job(job_id).get("Reason") == "BeginTime":
-            cluster.start_now(job_id)   # the requeue's ~2 min wait is SLURM's; the test does not wait it
+        cluster.start_now(job_id)   # once pending: the requeue's ~2 min wait is SLURM's; the test does not wait it
         return env.state("limited") in ("done", "failed")
     allocs.until(finished, 400, "the job to finish through its time limits")
     rec = env.rec("limited")

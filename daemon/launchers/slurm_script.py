@@ -83,7 +83,13 @@ fi
 say "{EXIT_MARK}$rc${{stop:+ (stopped: $stop)}}"
 if [ "$stop" = time_limit ] && [ "$rc" = 4 ]; then
   say "requeueing itself: the next run resumes from the emergency checkpoint"
-  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  if scontrol requeue "$SLURM_JOB_ID"; then
+    # wait for SLURM to end this run: a script that exits first can end the job before the requeue lands
+    trap 'exit 0' TERM
+    sleep 600 &
+    wait $!
+    exit 0
+  fi
   say "scontrol requeue failed: nanod relaunches the attempt"
 fi
 exit "$rc"
