@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHES = ["bench_checkpoint", "bench_trainer", "bench_status", "bench_daemon", "bench_notify"]
+BENCHES = ["bench_checkpoint", "bench_trainer", "bench_status", "bench_daemon", "bench_notify", "bench_slurm"]
 HIGHER_IS_BETTER = {"tokens_per_sec_ratio"}  # every other target is an upper bound
 
 
