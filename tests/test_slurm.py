@@ -260,3 +260,12 @@ def test_the_shipped_slurm_plan_runs_four_ranks_on_its_allocation_and_checkpoint
     spec = load_job_file(ROOT / "jobs" / "examples" / "slurm-4xa100.yaml")
     assert spec.world_size == 4 and spec.gpu_indices == [] and spec.slurm.time == "24:00:00"
     assert spec.slurm.checkpoint_grace >= spec.recovery.kill_grace, "the time-limit stop gets the grace a stop gets"
+
+
+def test_a_fault_fires_on_the_first_run_of_a_batch_job_only_and_a_requeued_run_is_not_a_first_attempt():
+    from trainer.faults import Faults
+    env = {"NANOD_FAULT_HANG_AT_STEP": "13", "NANOD_ATTEMPT": "1", "NANOD_FAULT_SLOW_STEP_MS": "150"}
+    assert Faults.from_env({**env, "SLURM_RESTART_COUNT": "0"}).hang_at == 13
+    requeued = Faults.from_env({**env, "SLURM_RESTART_COUNT": "1"})
+    assert requeued.hang_at is None and requeued.slow_step_ms == 150
+    assert Faults.from_env({**env, "SLURM_RESTART_COUNT": "2", "NANOD_FAULT_REPEAT": "1"}).hang_at == 13
