@@ -316,8 +316,8 @@ class SlurmJob:
         return torchrun.error_line(tail) if self.ranks > 1 else last_error_line(tail)
 
 
-# squeue is asked at most this often while jobs wait for SLURM to answer (module state: launchers are per call)
-_RESERVE_RETRY = 5.0
+# squeue is asked at most every slurm_poll_interval while a job waits for SLURM or its older batch job
+# (module state: a launcher is made per call)
 _reserve_failed: dict[str, tuple[float, str]] = {}
 
 
@@ -334,7 +334,7 @@ class SlurmLauncher:
         """Nothing to hold, but no second allocation: wait while any batch job of this job lives."""
         key = f"{self.settings.home}/{rec.name}"
         failed = _reserve_failed.get(key)
-        if failed and time.monotonic() - failed[0] < _RESERVE_RETRY:
+        if failed and time.monotonic() - failed[0] < self.settings.slurm_poll_interval:
             return failed[1]
         try:
             jobs = list_jobs()
@@ -346,8 +346,10 @@ class SlurmLauncher:
         for job_id, name, state in jobs:
             n = ours(self.settings, rec.name, name)
             if n is not None:
-                return (f"waiting for SLURM job {job_id} (attempt {n}, {state}) to end: "
-                        "one allocation at a time (scancel it to go on)")
+                why = (f"waiting for SLURM job {job_id} (attempt {n}, {state}) to end: "
+                       "one allocation at a time (scancel it to go on)")
+                _reserve_failed[key] = (time.monotonic(), why)   # asked again in a few seconds, not every tick
+                return why
         return ()
 
     def release(self, reservation) -> None:
