@@ -11,7 +11,13 @@ A launch reserves what the launcher needs (the local one: the GPU lock),
 starts the attempt, which from then on holds it by itself, and records it.
 After a restart, `recover` finds an attempt the previous daemon left running
 (the launcher adopts it) and stops it gracefully; the relaunch then waits for
-the lock, so no two trainers ever run at once.
+the lock, so no two trainers ever run at once. An attempt that is meant to
+outlive the daemon (a SLURM batch job: `outlives_daemon`) is followed instead,
+and a stopping daemon leaves it running. Such a handle may also say that its
+attempt is queued rather than running (`waiting`: the job is `waiting`, no stall
+clock runs), what the record should keep of it (`record()`), events of its own
+(`take_events()`), and an outcome its place decided (`ended_by`: a time limit,
+a failed node).
 """
 from __future__ import annotations
 
@@ -93,6 +99,10 @@ class Attempts:
                 a = self._watch(rec, att, proc or _Ended(att))
                 if proc is None:
                     continue   # ended while no daemon watched: settled by the next reap
+                if getattr(proc, "outlives_daemon", False):
+                    self.queue.note(rec, "adopted", f"following {proc.describe()} (attempt {att.n}), left "
+                                    "running by the previous daemon", attempt=att.n)
+                    continue
                 a.stop = "survivor"
                 a.kill_at = time.monotonic() + rec.job_spec.recovery.kill_grace
                 proc.terminate()
@@ -169,12 +179,18 @@ class Attempts:
         resume = newest_checkpoint(ckpt_dir, since=since, is_complete=adapter.is_complete) \
             if earlier and adapter.can_resume(phase) else None
         init = rec.phase_final_steps.get(spec.phases[i - 1].phase) if i > 0 and resume is None else None
+        # a launcher whose attempt restarts without the daemon (SLURM's requeue) has the trainer find its
+        # newest complete checkpoint itself at each start, the first one too (none yet: fresh)
+        itself = getattr(launcher, "resumes_itself", False)
+        if itself and i > 0:
+            init = rec.phase_final_steps.get(spec.phases[i - 1].phase)
         if dbs is not None:
             args["device_batch_size"] = dbs
             rec.device_batch_size[phase] = dbs
         n = len(rec.attempts) + 1
         try:
-            launch = adapter.build_launch(spec, i, args=args, resume_from=resume, init_from=init)
+            launch = adapter.build_launch(spec, i, args=args, resume_from="auto" if itself else resume,
+                                          init_from=init)
         except ValueError as e:  # an adapter's one-line refusal (nanochat: NanochatRefused)
             return self._apply(rec, Decision(Action.FAIL, f"{phase}: {e}", "failed"), None, n)
         for note in getattr(launch, "notes", ()):
@@ -192,17 +208,22 @@ class Attempts:
             proc = launcher.start(rec, launch, env, log_file, reservation,
                                   header=f"job {rec.name}, phase {phase}, attempt {n}: {' '.join(launch.argv)}")
         except OSError as e:
-            error = f"{launch.argv[0]}: {e.strerror or e}"
+            error = str(e) if getattr(e, "names_program", False) else f"{launch.argv[0]}: {e.strerror or e}"
             self.queue.end_attempt(rec, outcome=Outcome.FAILED_TO_START.value, exit_code=None, error=error)
             d = supervisor.decide(Outcome.FAILED_TO_START, phase=phase, phase_index=i, n_phases=len(spec.phases),
                                   recovery=spec.recovery, restarts_without_progress=rec.restarts_without_progress,
                                   progressed=False, device_batch_size=dbs, exit_words="", error=error)
             return self._apply(rec, d, None, n)
         att.pid, att.pgid, att.proc_start = proc.pid, proc.pgid, proc.proc_start
+        if hasattr(proc, "record"):
+            att.slurm = proc.record()
         since = since or att.started_at
         how = f"resumed from step {resume}" if resume is not None else \
             f"from {spec.phases[i - 1].phase} step {init}" if init is not None else "fresh"
-        self.queue.transition(rec, S.RUNNING, f"phase {phase}, attempt {n} ({how})", kind="started", attempt=n)
+        queued = getattr(proc, "waiting", None)
+        self.queue.transition(rec, S.WAITING if queued else S.RUNNING,
+                              f"phase {phase}, attempt {n} ({how})" + (f": {queued}" if queued else ""),
+                              kind="started", attempt=n)
         a = self._watch(rec, att, proc)
         a.since, a.start_ckpt, a.last_ckpt = since, resume, resume
 
@@ -325,7 +346,7 @@ class Attempts:
         now = time.monotonic()
         for a in self.active.values():
             rc = a.rec.job_spec.recovery
-            if a.stop is None and supervisor.is_stalled(now=now, last_activity=a.last_activity, saw_step=a.saw_step,
+            if a.stop is None and a.rec.state != S.WAITING and supervisor.is_stalled(now=now, last_activity=a.last_activity, saw_step=a.saw_step,
                                                         paused=a.paused, stall_timeout=rc.stall_timeout,
                                                         startup_grace=rc.startup_grace):
                 quiet = now - a.last_activity
@@ -352,13 +373,18 @@ class Attempts:
     def stop_all(self) -> None:
         """The daemon's warm stop: every attempt saves and exits; jobs between attempts go back to the queue."""
         self.stopping = True
+        left = [a for a in self.active.values() if a.stop is None and getattr(a.proc, "outlives_daemon", False)]
+        for a in left:   # a SLURM job trains on without the daemon; the next one adopts it
+            del self.active[a.rec.name]
+            self.queue.note(a.rec, "left_running", f"the daemon is stopping: {a.proc.describe()} runs on; "
+                            "the next daemon follows it", attempt=a.rec.last_attempt.n)
         for a in self.active.values():
             if a.stop is None:
                 self._stop(a, "shutdown", f"the daemon is stopping: SIGTERM to {a.proc.describe()}")
             elif a.stop == "stall":
                 a.stop = "shutdown"  # already signalled: a second SIGTERM would abort its emergency save
         for rec in self.queue.ordered(S.WAITING, S.BACKING_OFF):
-            if rec.name not in self.active:
+            if rec.name not in self.active and rec.name not in {a.rec.name for a in left}:
                 self.queue.requeue_front(rec, "the daemon stopped; resumes at the next start")
 
     def kill_all(self) -> None:
@@ -370,6 +396,27 @@ class Attempts:
         for a in list(self.active.values()):
             if a.proc.poll():
                 self._finish(a)
+            elif hasattr(a.proc, "waiting"):
+                self._follow(a)
+
+    def _follow(self, a: Active) -> None:
+        """Mirror a queued place (SLURM): pending or being requeued -> waiting, running -> running,
+        its record and its events into the job's. Each (re)start gets startup_grace before a stall."""
+        rec, att = a.rec, a.rec.last_attempt
+        for kind, message in a.proc.take_events():
+            self.queue.note(rec, kind, message, attempt=att.n)
+        info = a.proc.record()
+        if info != att.slurm:
+            self.queue.set_attempt_slurm(rec, info)
+        queued = a.proc.waiting
+        if queued and (rec.state != S.WAITING or rec.reason != queued):
+            kind = "waiting" if rec.state != S.WAITING else None
+            self.queue.transition(rec, S.WAITING, queued, kind=kind, attempt=att.n)
+            a.saw_step, a.paused = False, False
+        elif not queued and rec.state == S.WAITING:
+            self.queue.transition(rec, S.RUNNING, f"phase {a.phase}, attempt {att.n}: {a.proc.running_on()}",
+                                  attempt=att.n)
+            a.saw_step, a.last_activity = False, time.monotonic()
 
     def _finish(self, a: Active) -> None:
         rec, att = a.rec, a.rec.last_attempt
@@ -383,7 +430,10 @@ class Attempts:
         tail = a.proc.trainer_tail(raw) if hasattr(a.proc, "trainer_tail") else raw
         code = a.proc.returncode
         error = a.proc.error_line(raw, code) if hasattr(a.proc, "error_line") else last_error_line(raw, code)
-        if code is None:  # a survivor, or an attempt that ended while no daemon watched: no exit code
+        ended_by = getattr(a.proc, "ended_by", None)   # the place's own word: a time limit, a failed node
+        if ended_by is not None:
+            outcome = ended_by[0]
+        elif code is None:  # a survivor, or an attempt that ended while no daemon watched: no exit code
             done = a.total is not None and newest == a.total
             outcome = Outcome.COMPLETED if done else Outcome.INTERRUPTED if a.stop else Outcome.CRASHED
             if outcome == Outcome.CRASHED:
@@ -394,6 +444,8 @@ class Attempts:
             outcome = {"stall": Outcome.STALLED, "cancel": Outcome.CANCELLED, "shutdown": Outcome.INTERRUPTED,
                        "survivor": Outcome.INTERRUPTED}.get(a.stop, outcome)
         del self.active[rec.name]
+        if hasattr(a.proc, "record"):
+            att.slurm = a.proc.record()   # its last state, saved with the end
         self.queue.end_attempt(rec, outcome=outcome.value, exit_code=code,
                                error="" if outcome == Outcome.COMPLETED else error)
         progressed = newest is not None and (a.start_ckpt is None or newest > a.start_ckpt)

@@ -81,6 +81,7 @@ class Settings(DerivedPaths, BaseSettings):
     notify_command: Argv = Field(default_factory=list)  # argv run on each event (NANOD_EVENT, ...); never a shell
     notify_on: TextList = Field(default_factory=lambda: list(DEFAULT_ON))  # which events go to the two above
     notify_timeout: Duration = Field(10.0, gt=0, le=300)  # one send (a URL, the command); a slow target is retried
+    slurm_poll_interval: Duration = 5.0      # how often a SLURM attempt's state is asked (scontrol show job)
 
     @field_validator("notify_urls", mode="after")
     @classmethod

@@ -379,7 +379,7 @@ def _stop_orphan(settings, rec) -> None:
     from daemon.launchers import launcher_for
     from daemon.launchers.local import wait_gone
     att = rec.last_attempt
-    if att is None or att.ended_at is not None or not att.pid:
+    if att is None or att.ended_at is not None or not (att.pid or att.slurm):
         return
     proc = launcher_for(settings, rec.job_spec).adopt(rec, att)
     if proc is None:

@@ -377,6 +377,8 @@ def _check_vram(settings, spec, phase_index, flags, device_batch_size, gpus) -> 
     on_cpu = str(flags.get("device_type") or flags.get("device") or "").lower() == "cpu"
     if on_cpu:
         return Check(name, OK, "device_type=cpu: no GPU needed")
+    if spec.slurm is not None:   # the allocation's GPUs, which this machine cannot see
+        return Check(name, OK, f"{what}; on SLURM ({spec.slurm.resources}): not checked here")
     if gpus is None:
         from daemon.gpu.vram import read_gpus
         gpus = read_gpus()

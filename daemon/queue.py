@@ -36,7 +36,7 @@ GLOBAL_EVENTS_MAX_BYTES = 256 * 1024
 
 class JobState(str, Enum):
     QUEUED = "queued"            # waiting its turn
-    WAITING = "waiting"          # its turn, but the GPU lock or disk space is not there yet
+    WAITING = "waiting"          # its turn, but the GPU lock or disk space is not there yet (or its SLURM job pends)
     RUNNING = "running"          # an attempt is alive
     BACKING_OFF = "backing_off"  # between attempts: relaunch at next_attempt_at
     PAUSED = "paused"            # the attempt lives but said it is paused (disk space)
@@ -50,8 +50,9 @@ S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.QUEUED: frozenset({S.WAITING, S.RUNNING, S.FAILED, S.CANCELLED}),
     S.WAITING: frozenset({S.RUNNING, S.QUEUED, S.FAILED, S.CANCELLED}),
-    S.RUNNING: frozenset({S.PAUSED, S.BACKING_OFF, S.QUEUED, S.DONE, S.FAILED, S.CANCELLED}),
-    S.PAUSED: frozenset({S.RUNNING, S.BACKING_OFF, S.QUEUED, S.DONE, S.FAILED, S.CANCELLED}),
+    # running/paused -> waiting: SLURM requeued the attempt's batch job, which pends until it runs again
+    S.RUNNING: frozenset({S.PAUSED, S.WAITING, S.BACKING_OFF, S.QUEUED, S.DONE, S.FAILED, S.CANCELLED}),
+    S.PAUSED: frozenset({S.RUNNING, S.WAITING, S.BACKING_OFF, S.QUEUED, S.DONE, S.FAILED, S.CANCELLED}),
     S.BACKING_OFF: frozenset({S.RUNNING, S.WAITING, S.QUEUED, S.FAILED, S.CANCELLED}),
     S.DONE: frozenset(),
     S.FAILED: frozenset({S.QUEUED}),      # nanod retry
@@ -89,6 +90,8 @@ class Attempt:
     first_step: int | None = None
     last_step: int | None = None
     error: str = ""
+    # on SLURM: {"job_id", "name", "state", "reason", "node", "restarts", "since", "script"} (launchers/slurm.py)
+    slurm: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "Attempt":
@@ -349,6 +352,13 @@ class Queue:
             att.outcome = outcome
             att.exit_code = exit_code
             att.error = one_line(error)
+            self.save(rec)
+
+    def set_attempt_slurm(self, rec: JobRecord, info: dict) -> None:
+        """What SLURM last said of the live attempt's batch job (its id, state, node), saved."""
+        att = rec.last_attempt
+        if att is not None:
+            att.slurm = dict(info)
             self.save(rec)
 
     def note(self, rec: JobRecord, kind: str, message: str, *, attempt: int | None = None) -> None:

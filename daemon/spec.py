@@ -20,6 +20,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       model_validator)
 
 from daemon.notify.events import EVENTS, MAX_URLS, check_events, check_url_syntax
+from daemon.spec_slurm import Slurm
 from daemon.units import parse_duration
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -171,6 +172,7 @@ class JobSpec(_Strict):
     # several GPUs: one rank each through torchrun, every GPU's lock taken (rank r on gpus[r])
     gpus: list[Annotated[int, Field(ge=0, le=63)]] | None = Field(None, min_length=1, max_length=64)
     env: dict[str, str] = Field(default_factory=dict)
+    slurm: Slurm | None = None                          # present: attempts run as SLURM batch jobs, not on this machine
     recovery: Recovery = Field(default_factory=Recovery)
     retention: Retention = Field(default_factory=Retention)
     notify: Notify = Field(default_factory=Notify)
@@ -199,6 +201,13 @@ class JobSpec(_Strict):
             twice = sorted({g for g in self.gpus if self.gpus.count(g) > 1})
             if twice:
                 raise ValueError(f"gpus lists GPU {twice[0]} twice (one rank per GPU)")
+        if self.slurm is not None:
+            if self.gpu is not None or self.gpus is not None:
+                raise ValueError("a job with slurm: runs on the GPUs SLURM allocates: drop gpu:/gpus: "
+                                 "(ask for them with slurm.gres or slurm.gpus_per_node)")
+            if self.runner == "nanochat":
+                raise ValueError("runner: nanochat cannot run on SLURM yet (a requeued batch job must resume "
+                                 "by itself, with --resume_from_step=auto, which only the builtin trainer has)")
         nproc = self.nanochat.nproc_per_node if self.nanochat is not None else None
         if nproc is not None and nproc != len(self.gpu_indices):
             have = f"gpus lists {len(self.gpus)}" if self.gpus is not None else "the job has one GPU"
@@ -218,7 +227,9 @@ class JobSpec(_Strict):
 
     @property
     def gpu_indices(self) -> list[int]:
-        """The job's GPUs in rank order: gpus, else [gpu], else [0]."""
+        """This machine's GPUs of the job, in rank order: gpus, else [gpu], else [0]; none on SLURM."""
+        if self.slurm is not None:
+            return []   # SLURM's to allocate: no lock is taken here
         if self.gpus is not None:
             return list(self.gpus)
         return [0 if self.gpu is None else self.gpu]
@@ -226,6 +237,8 @@ class JobSpec(_Strict):
     @property
     def world_size(self) -> int:
         """Ranks per attempt: one per GPU (more than one means torchrun)."""
+        if self.slurm is not None:
+            return self.slurm.ranks
         return len(self.gpu_indices)
 
     @property

@@ -30,7 +30,8 @@ LOSS_POINTS = 200           # recent (step, loss) pairs kept per job
 # as "started", "resumed", "pruned" is left out)
 NOTABLE_KINDS = {"crashed", "restart", "stalled", "oom", "oom_backoff", "gave_up", "failed", "bad_args",
                  "preflight_failed", "preflight_warning", "paused", "waiting", "survivor", "killed", "error",
-                 "prune_error", "phase_done", "done", "cancelled", "requeued", "retry", "relaunch", "disk_low"}
+                 "prune_error", "phase_done", "done", "cancelled", "requeued", "retry", "relaunch", "disk_low",
+                 "slurm_requeue", "slurm_trouble", "adopted", "left_running"}
 
 
 # ---- the outside world (replaced by a fixed one in tests) ---------------------------
@@ -210,7 +211,8 @@ def build_view(settings, *, probe: Probe | None = None) -> dict:
         if a is not None:
             a["alive"] = (probe.pid_alive(a.get("pid"), a.get("proc_start"))
                           if a.get("ended_at") is None and a.get("pid") else None)
-            if a["alive"] and not daemon["up"]:
+            on_slurm = j["slurm"] is not None and a.get("ended_at") is None   # runs on the cluster, not here
+            if (a["alive"] or on_slurm) and not daemon["up"]:
                 _progress_from_log(settings, j, a, now)  # nobody updates the record: read the trainer's own words
     current = next((j["name"] for s in ACTIVE_STATES for j in jobs if j["state"] == s), None)
     if current is None:  # an interrupted job queued to resume is still the one to show
@@ -297,8 +299,9 @@ def job_view(rec: dict, now: float) -> dict:
         "submitted_at": _opt_num(rec.get("submitted_at")),
         "source": rec.get("source"),
         "model_tag": spec.get("model_tag"),
-        "gpu": job_gpus(spec)[0],
+        "gpu": (job_gpus(spec) or [None])[0],
         "gpus": job_gpus(spec),
+        "slurm": _slurm_view(spec, last, now),
         "phase": {"index": index, "count": len(phases), "name": phase_name, "names": phases},
         "progress": _progress_view(rec, state, last, now),
         "checkpoint": _checkpoint_view(rec.get("checkpoint"), now),
@@ -414,8 +417,24 @@ def _last_error(rec: dict, attempts: list[dict]) -> str:
     return rec.get("reason") or ""
 
 
+def _slurm_view(spec: dict, last: dict | None, now: float) -> dict | None:
+    """A SLURM job's batch job as the daemon last saw it (the attempt's record), null for a local job."""
+    cfg = spec.get("slurm")
+    if not isinstance(cfg, dict):
+        return None
+    seen = (last or {}).get("slurm") if isinstance((last or {}).get("slurm"), dict) else {}
+    since = _opt_num(seen.get("since"))
+    return {"job_id": seen.get("job_id"), "name": seen.get("name"), "state": seen.get("state"),
+            "reason": seen.get("reason") or "", "node": seen.get("node") or None,
+            "restarts": seen.get("restarts") if isinstance(seen.get("restarts"), int) else 0,
+            "since": since, "age_s": _age(now, since), "partition": cfg.get("partition"),
+            "script": seen.get("script") or None}
+
+
 def job_gpus(spec: dict) -> list[int]:
-    """A recorded spec's GPUs in rank order: gpus, else [gpu], else [0]."""
+    """A recorded spec's GPUs on this machine, in rank order: gpus, else [gpu], else [0]; none on SLURM."""
+    if isinstance(spec.get("slurm"), dict):
+        return []
     gpus = spec.get("gpus")
     if isinstance(gpus, list) and gpus and all(isinstance(g, int) and not isinstance(g, bool) for g in gpus):
         return list(gpus)

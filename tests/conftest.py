@@ -49,3 +49,16 @@ def _quiet_env(monkeypatch):
         if key.startswith("NANOD_") or key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM cluster for the session (tests/slurm_cluster.py), skipped with the reason
+    when this machine cannot start one (not root, slurm-wlm/munge missing)."""
+    from tests.slurm_cluster import Cluster, why_not
+    reason = why_not()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster().start()
+    yield cluster
+    cluster.stop()

@@ -198,11 +198,14 @@ def _job_block(sc: _Screen, j: dict, daemon_up: bool, now: float) -> None:
     sc.add(*head)
     if len(j.get("gpus") or []) > 1:
         sc.add((f"  gpus {', '.join(map(str, j['gpus']))} · one rank each through torchrun", None))
+    if j.get("slurm"):
+        sc.add((_slurm_text(j["slurm"]), None))
     if not daemon_up and j["state"] in ("running", "backing_off", "waiting"):
         alive = a.get("alive")
         note = "" if alive is None else "; its trainer is still running" if alive else "; its trainer is not running"
         sc.para("  ", "as recorded before the daemon stopped" + note, "yellow")
-    if j["reason"] and j["state"] != "running":
+    said = j.get("slurm") and j["slurm"].get("job_id") and j["reason"].startswith(f"SLURM job {j['slurm']['job_id']} ")
+    if j["reason"] and j["state"] != "running" and not said:   # (the slurm line says it already)
         sc.para("  ", j["reason"], STATE_STYLE[j["state"]])
     if j["state"] == "backing_off" and j.get("next_attempt_at") is not None:
         sc.add((f"  next attempt in {_dur(max(0.0, j['next_attempt_at'] - now))}", "yellow"))
@@ -239,6 +242,21 @@ def _job_block(sc: _Screen, j: dict, daemon_up: bool, now: float) -> None:
         if j.get("device_batch_size") is not None:
             line += f" · device_batch_size {j['device_batch_size']}"
         sc.add((line, "yellow" if j["restarts"] or j["oom_backoffs"] else None))
+
+
+def _slurm_text(sl: dict) -> str:
+    """`  slurm job 123 PENDING (BeginTime) · requeued 1x` / `  slurm job 123 RUNNING on node7`."""
+    if not sl.get("job_id"):
+        return f"  on SLURM (partition {sl['partition']}) · not submitted yet" if sl.get("partition") \
+            else "  on SLURM · not submitted yet"
+    text = f"  slurm job {sl['job_id']} {sl.get('state') or '?'}"
+    if sl.get("reason") and sl.get("state") != "RUNNING":
+        text += f" ({sl['reason']})"
+    if sl.get("node") and sl.get("state") == "RUNNING":
+        text += f" on {sl['node']}"
+    if sl.get("restarts"):
+        text += f" · requeued {sl['restarts']}x"
+    return text
 
 
 def _gpu_line(g: dict, health: dict) -> list:

@@ -4,7 +4,8 @@ Two axes meet in an attempt. *What* runs is a trainer adapter
 (daemon/trainers/: builtin, nanochat): it knows the command line, the step
 lines, the exit codes and which checkpoints are complete. *Where* it runs is a
 launcher (this room): `local` runs it as a process group on this machine,
-holding the job's GPU lock for as long as the attempt lives. A launcher:
+holding the job's GPU lock for as long as the attempt lives; `slurm` runs it
+as a batch job on a SLURM cluster (a job with a `slurm:` block). A launcher:
 
 - reserve(rec): take what the attempt needs before it starts (the GPU lock),
   or say in one line why the job must wait;
@@ -74,6 +75,9 @@ def attempt_env(settings, spec, phase_index: int, attempt_n: int, *, trainer_env
 
 
 def launcher_for(settings, spec) -> Launcher:
-    """The launcher of a job: where its attempts run."""
+    """The launcher of a job: where its attempts run (a `slurm:` block: that cluster; else this machine)."""
+    if spec.slurm is not None:
+        from daemon.launchers.slurm import SlurmLauncher
+        return SlurmLauncher(settings)
     from daemon.launchers.local import LocalLauncher
     return LocalLauncher(settings)
