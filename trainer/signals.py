@@ -3,18 +3,29 @@
 The handler only records the signal; the training loop acts on it at the end
 of the step it is in (emergency checkpoint, exit INTERRUPTED). A second signal
 means "now": the process exits at once with 128+signal and saves nothing.
+
+A second signal within SAME_STOP_SECONDS of the first is the same stop, not a
+"now": one event often reaches a rank twice. SLURM ending a job signals every
+process, torchrun included, which passes its own SIGTERM on to each rank a few
+milliseconds later; Ctrl+C in a terminal reaches torchrun and the ranks at once,
+and torchrun follows with SIGTERM. Taking that echo for "now" would throw away
+the emergency checkpoint the first signal asked for.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
+
+SAME_STOP_SECONDS = 1.0
 
 
 class StopFlag:
-    """Records SIGTERM/SIGINT for the loop; the second one ends the process on the spot."""
+    """Records SIGTERM/SIGINT for the loop; a second one (after SAME_STOP_SECONDS) ends the process on the spot."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.at = 0.0   # monotonic time of the first signal
 
     def install(self) -> "StopFlag":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -22,10 +33,13 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
         if self.signum is not None:
+            if now - self.at < SAME_STOP_SECONDS:
+                return  # the echo of the first (torchrun passing SLURM's or the terminal's stop on)
             os.write(2, f"second signal ({signal.Signals(signum).name}): exiting now without saving\n".encode())
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self.at = signum, now
 
     def requested(self) -> bool:
         return self.signum is not None
