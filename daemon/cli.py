@@ -58,13 +58,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # settings errors from pydantic are user errors too
-        from pydantic import ValidationError
-        if isinstance(e, ValidationError):
-            first = e.errors()[0]
-            loc = ".".join(str(x) for x in first["loc"])
-            print(f"nanod: bad setting {loc}: {first['msg']}", file=sys.stderr)
-            return 2
-        raise
+        line = setting_error(e)
+        if line is None:
+            raise
+        print(f"nanod: {line}", file=sys.stderr)
+        return 2
+
+
+def setting_error(e: Exception) -> str | None:
+    """One line for a bad setting (config.toml or NANOD_*), or None when `e` is something else."""
+    import re
+
+    from pydantic import ValidationError
+    if isinstance(e, ValidationError):
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        return f"bad setting {loc}: {first['msg'].removeprefix('Value error, ')}"
+    try:
+        from pydantic_settings import SettingsError
+    except ImportError:
+        return None
+    if isinstance(e, SettingsError):  # a NANOD_* list or table that is not JSON, say
+        m = re.search(r'field "(\w+)" from source "(\w+)"', str(e))
+        if m and m.group(2) == "EnvSettingsSource":
+            return f"bad setting {m.group(1)}: NANOD_{m.group(1).upper()} must be JSON (e.g. [\"a\", \"b\"])"
+        return f"bad setting: {str(e).splitlines()[0]}"
+    return None
 
 
 if __name__ == "__main__":

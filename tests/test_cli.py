@@ -131,3 +131,14 @@ def test_logs_follow_prints_growth_and_moves_to_the_next_attempt(tmp_path):
 def test_status_rejects_a_bad_interval(tmp_path):
     out = nanod(tmp_path / "home", "status", "--watch", "--interval", "0")
     assert out.returncode == 2 and "--interval" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("var, value, words", [
+    ("NANOD_NANOCHAT_REPOS", "[not json", "NANOD_NANOCHAT_REPOS must be JSON"),
+    ("NANOD_TICK_INTERVAL", "soon", "bad setting tick_interval: 'soon' is not a duration"),
+])
+def test_a_bad_setting_in_the_environment_is_one_line_and_exit_2(tmp_path, monkeypatch, var, value, words):
+    monkeypatch.setenv(var, value)
+    r = nanod(tmp_path / "home", "list")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and words in r.stderr and "Value error" not in r.stderr
