@@ -57,15 +57,20 @@ class LocalProcess:
         """True once the attempt's main process has exited (it is reaped here)."""
         if self.exited:
             return True
+        code = None
         if self.popen is not None:
-            if self.popen.poll() is None:
+            if (code := self.popen.poll()) is None:
                 return False
-            self.returncode = self.popen.returncode
         elif procs.is_alive(self.pid, self.proc_start):
             return False
         self.exited = True
+        self.returncode = self._returncode(code)
         self.kill_stragglers()
         return True
+
+    def _returncode(self, code: int | None) -> int | None:
+        """The attempt's exit code from its main process's (None: an adopted survivor's is unknown)."""
+        return code
 
     def terminate(self) -> None:
         """SIGTERM to the group (the trainer saves an emergency checkpoint), SIGCONT in case it is stopped."""
@@ -105,22 +110,12 @@ class GroupProcess(LocalProcess):
         self.log, self.token, self.nproc = log, token, nproc
         self.keeper_returncode: int | None = None
 
-    def poll(self) -> bool:
-        """True once the keeper has exited, which it does only after every rank is gone."""
-        if self.exited:
-            return True
-        if self.popen is not None:
-            if self.popen.poll() is None:
-                return False
-            self.keeper_returncode = self.popen.returncode
-        elif procs.is_alive(self.pid, self.proc_start):
-            return False
-        self.exited = True
-        # torchrun exits 1 whatever a rank said: the rank's own code, from torchrun's report
+    def _returncode(self, code: int | None) -> int | None:
+        """The keeper exits only after every rank is gone, with torchrun's status; torchrun exits 1
+        whatever a rank said, so the attempt's code is the rank's own, from torchrun's report."""
+        self.keeper_returncode = code
         tail = read_tail(self.log) if self.log else ""
-        self.returncode = torchrun.rank_returncode(self.keeper_returncode, tail)
-        self.kill_stragglers()
-        return True
+        return torchrun.rank_returncode(code, tail)
 
     def terminate(self) -> None:
         """SIGTERM to the keeper, which passes it on to each rank once (with SIGCONT); the ranks save
