@@ -1,5 +1,7 @@
 """`python -m trainer {base,mid,sft} --key=value ...`: parse, resolve, train, exit with a code from exitcodes.
 
+(`python -m trainer {sample,chat} ...` talks to a checkpoint instead: trainer/generate.py.)
+
 Bad flags or data print one line (no traceback) and exit BAD_ARGS; out of
 memory exits OOM; a stop signal exits INTERRUPTED after the emergency
 checkpoint. Anything else is a crash and keeps its traceback.
@@ -14,6 +16,9 @@ from trainer.cli import BadArgs, format_help, parse_args
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("sample", "chat"):  # talking to a checkpoint, not training: trainer/generate.py
+        from trainer.generate import main as generate_main
+        return generate_main(argv)
     if not argv or argv[0] in ("-h", "--help", "help") or "--help" in argv or "-h" in argv:
         print(format_help())
         return exitcodes.OK if argv else exitcodes.BAD_ARGS

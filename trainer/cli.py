@@ -128,6 +128,7 @@ def _convert(name: str, kind: str, value: str):
 def format_help() -> str:
     lines = [
         "usage: python -m trainer {base,mid,sft} [--flag=value ...]",
+        "       python -m trainer {sample,chat} --model_tag=TAG [...]   (talk to a checkpoint; see its --help)",
         "",
         "nanod's built-in nanochat-style trainer. base pretrains on text, mid continues on",
         "conversations (all tokens), sft fine-tunes on conversations (assistant tokens only).",

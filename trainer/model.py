@@ -5,6 +5,11 @@ head, parameter-free RMSNorm, tanh logit softcap, no biases. The shape comes
 from depth alone (width = depth x aspect_ratio, rounded up to whole heads),
 as nanochat sizes its models. This module knows nothing of optimizers,
 checkpoints or data.
+
+Generation (trainer/generate.py) runs the same blocks with a KVCache: each
+layer's keys and values of the tokens seen so far, so that a new token costs
+one forward pass over itself rather than over the whole conversation. The
+training forward never sees a cache and is unchanged by it.
 """
 from __future__ import annotations
 
@@ -62,6 +67,43 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+class KVCache:
+    """Every layer's keys and values for positions [0, pos), as (B, n_kv_head, capacity, head_dim) buffers.
+
+    Allocated on the first write with the keys' dtype and device (bfloat16 under
+    autocast); capacity doubles when a conversation outgrows it. `clear` forgets
+    the conversation without freeing memory.
+    """
+
+    def __init__(self, n_layer: int, capacity: int = 256):
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.capacity = capacity
+        self.pos = 0
+
+    def clear(self) -> None:
+        self.pos = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) at [pos, pos+T) of `layer`; the keys and values of [0, pos+T)."""
+        end = self.pos + k.size(2)
+        buf_k, buf_v = self.k[layer], self.v[layer]
+        if buf_k is None or buf_k.size(2) < end:
+            size = max(self.capacity, end)
+            while size < end:
+                size *= 2
+            self.capacity = max(self.capacity, size)
+            new_k = k.new_empty(k.size(0), k.size(1), self.capacity, k.size(3))
+            new_v = v.new_empty(v.size(0), v.size(1), self.capacity, v.size(3))
+            if buf_k is not None:
+                new_k[:, :, :self.pos] = buf_k[:, :, :self.pos]
+                new_v[:, :, :self.pos] = buf_v[:, :, :self.pos]
+            self.k[layer], self.v[layer] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, self.pos:end] = k
+        buf_v[:, :, self.pos:end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -72,7 +114,7 @@ class Attention(nn.Module):
         self.c_v = Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim)
         self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -81,8 +123,25 @@ class Attention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
+        gqa = self.n_head != self.n_kv_head
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = _attend_cached(q, k, v, cache, layer, gqa)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
+
+
+def _attend_cached(q, k, v, cache: KVCache, layer: int, gqa: bool) -> torch.Tensor:
+    """The new queries against the cached keys plus the new ones: query i sits at position pos + i."""
+    pos, T = cache.pos, q.size(2)
+    keys, values = cache.append(layer, k, v)
+    if T == 1:  # one new token sees everything before it: no mask
+        return F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+    if pos == 0:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+    # several new tokens after earlier ones (a chat's next turn): SDPA's is_causal aligns top-left, not here
+    mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -100,8 +159,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(norm(x), cos, sin)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(norm(x), cos, sin, cache, layer)
         return x + self.mlp(norm(x))
 
 
@@ -163,6 +222,31 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin)
         return norm(x)
+
+    @torch.no_grad()
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, vocab, float32, softcapped) of the last of `idx`'s tokens, which follow the cache's.
+
+        The tokens are at positions cache.pos .. cache.pos + T - 1; their keys and
+        values join the cache, whose pos moves on by T. Only the last position goes
+        through lm_head: that is all a sampler needs.
+        """
+        T, pos = idx.size(1), cache.pos
+        self._cover_positions(pos + T)
+        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        x = norm(self.wte(idx))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        cache.pos = pos + T
+        logits = self.lm_head(norm(x[:, -1])).float()
+        return self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
+
+    def _cover_positions(self, length: int) -> None:
+        """Rotary tables at least `length` long: a long chat may pass the 10x of the training length."""
+        if self.cos.size(1) >= length:
+            return
+        cos, sin = self._rotary_tables(max(length, 2 * self.cos.size(1)), self.config.n_embd // self.config.n_head)
+        self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
