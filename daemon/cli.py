@@ -12,7 +12,7 @@ import sys
 
 # module names under daemon/commands/, in the order `nanod --help` lists them
 COMMANDS = ["run", "status", "submit", "list", "cancel", "retry", "logs", "checkpoints", "prune",
-            "check", "exec", "schema", "plot", "install_service", "drill", "notify"]
+            "check", "exec", "schema", "plot", "sample", "chat", "install_service", "drill", "notify"]
 
 
 class UserError(Exception):
