@@ -2,8 +2,9 @@
 
 Starts `nanod run` as a subprocess (its log in .demo/daemon.log), submits
 jobs/examples/tiny-cpu.yaml, prints progress until the job is done or failed,
-shows `nanod status`, stops the daemon with SIGTERM (a graceful stop) and
-exits 0 when the job is done, else 1. Checkpoints go to .demo/nanochat, so
+shows `nanod status`, asks the model it just trained one question (`nanod
+sample`, a fixed seed, a few tokens), stops the daemon with SIGTERM (a graceful
+stop) and exits 0 when the job is done, else 1. Checkpoints go to .demo/nanochat, so
 nothing outside the checkout is touched except the GPU lock, which is shared
 on purpose: a demo must not start beside a real training on the same GPU.
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = ROOT / "jobs" / "examples" / "tiny-cpu.yaml"
 TIMEOUT = 30 * 60.0
+# a question of the kind the embedded chat data holds, so even a minute of training answers in kind
+SAMPLE_PROMPT = "What does the hen say?"
 
 
 def main() -> int:
@@ -50,11 +53,25 @@ def main() -> int:
             subprocess.run([*nanod, "status"], env=env, cwd=ROOT)
         elif rec is not None:
             print(f"\n{rec.name}: {rec.state.value}: {rec.reason}")
-        return 0 if rec is not None and rec.state.value == "done" else 1
+        done = rec is not None and rec.state.value == "done"
+        if done:
+            _sample(nanod, env, rec.name)
+        return 0 if done else 1
     except KeyboardInterrupt:
         return 130
     finally:
         _stop(daemon)
+
+
+def _sample(nanod: list[str], env: dict, name: str) -> None:
+    """What the model just trained says to one question: a few tokens, fixed seed, on the CPU."""
+    print(f"\n$ nanod sample {name} --prompt {SAMPLE_PROMPT!r} --seed 0 --max-tokens 16")
+    r = subprocess.run([*nanod, "sample", name, "--prompt", SAMPLE_PROMPT, "--seed", "0", "--max-tokens", "16",
+                        "--device", "cpu"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        print(f"demo: nanod sample failed: {r.stderr.strip()}")
+        return
+    print(f"  user:      {SAMPLE_PROMPT}\n  assistant: {r.stdout.strip()}")
 
 
 def _job_name() -> str:
