@@ -37,6 +37,17 @@ def test_the_nanochat_comparison_without_nanochat_reports_its_figure_skipped_wit
     assert fig["median"] is None and str(tmp_path / "nowhere") in fig["skipped"]
 
 
+def test_the_chat_bench_smoke_reports_cached_and_uncached_tokens_per_second_and_their_ratio():
+    r = subprocess.run([PYTHON, "-m", "bench.bench_chat", "--smoke"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    figs = figures_of(r.stdout)
+    assert figs["chat_tokens_per_sec_cpu"]["median"] > 0 and figs["chat_no_cache_tokens_per_sec_cpu"]["median"] > 0
+    assert figs["chat_kv_cache_speedup"]["median"] > 0
+    assert all(verdict(f) == "info" for f in figs.values())
+    assert "2 layers x 128 wide, vocab 551" in r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(bench_vs_nanochat.missing() is not None, reason=bench_vs_nanochat.missing() or "")
 def test_the_nanochat_comparison_smoke_runs_both_trainers_on_one_shape_and_reports_their_ratio():

@@ -116,3 +116,12 @@ def test_the_command_modules_import_without_torch():
     code = "import sys, daemon.commands.sample, daemon.commands.chat; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_the_demos_closing_sample_prints_the_question_and_the_models_answer(world, capsys):
+    from daemon import demo
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOD_")}
+    env.update(NANOD_LOCK_DIR=str(world["locks"]), NANOCHAT_BASE_DIR=str(world["root"]))
+    demo._sample([sys.executable, "-m", "daemon.cli", "--home", str(world["home"])], env, "tiny")
+    out = capsys.readouterr().out
+    assert f"user:      {demo.SAMPLE_PROMPT}" in out and "\n  assistant: " in out and "failed" not in out, out
