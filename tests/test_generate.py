@@ -153,8 +153,11 @@ def test_python_m_trainer_sample_prints_a_completion_and_refuses_bad_flags_in_on
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("The") and len(r.stdout.strip()) > 3
     assert "base step 4, cpu: plain text" in r.stderr
-    for bad, words in ((["--temperature=-1"], "--temperature"), (["--model_tag=nope"], "no complete checkpoint"),
-                       (["--max_tokens=0"], "--max_tokens")):
+    bad_flags = [(["--temperature=-1"], "--temperature"), (["--model_tag=nope"], "no complete checkpoint"),
+                 (["--max_tokens=0"], "--max_tokens")]
+    if not torch.cuda.is_available():
+        bad_flags.append((["--device=cuda"], "no CUDA device"))
+    for bad, words in bad_flags:
         r = run_trainer(root, "sample", f"--model_tag={TAG}", *bad)
         assert r.returncode == exitcodes.BAD_ARGS and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr

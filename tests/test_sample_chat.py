@@ -125,3 +125,53 @@ def test_the_demos_closing_sample_prints_the_question_and_the_models_answer(worl
     demo._sample([sys.executable, "-m", "daemon.cli", "--home", str(world["home"])], env, "tiny")
     out = capsys.readouterr().out
     assert f"user:      {demo.SAMPLE_PROMPT}" in out and "\n  assistant: " in out and "failed" not in out, out
+
+
+def test_chat_with_lock_holds_the_jobs_gpu_lock_for_exactly_as_long_as_it_runs(world):
+    from daemon.gpu import lock as gpulock
+    from conftest import wait_until
+    path = world["locks"] / "gpu0.lock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOD_")}
+    env.update(NANOD_LOCK_DIR=str(world["locks"]), NANOD_NANOCHAT_BASE_DIR=str(world["root"]))
+    proc = subprocess.Popen([*NANOD, "--home", str(world["home"]), "chat", "tiny", "--lock", "--device", "cpu",
+                             "--max-tokens", "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        wait_until(lambda: gpulock.is_held(path), 30, message="the chat to take the GPU lock")
+        out, err = proc.communicate("hi\n", timeout=60)  # the reply, then EOF
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert out.count("assistant: ") == 1 and not gpulock.is_held(path)
+    assert (gpulock.read_holder(path) or {}).get("command") == "nanod chat tiny"
+
+
+def test_chat_on_a_terminal_prompts_each_turn_and_ends_at_ctrl_d(world):
+    import pty
+    import select
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOD_")}
+    env.update(NANOD_LOCK_DIR=str(world["locks"]), NANOD_NANOCHAT_BASE_DIR=str(world["root"]))
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: nanod chat on the terminal, as a user starts it
+        os.chdir(ROOT)
+        os.execve(NANOD[0], [*NANOD, "--home", str(world["home"]), "chat", "tiny", "--max-tokens", "4"], env)
+    seen, deadline, sent = b"", time.monotonic() + 60, 0
+    try:
+        while time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # the child is gone: the terminal closed
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            if seen.count(b"you: ") > sent:
+                sent += 1
+                os.write(fd, b"hello\n" if sent < 3 else b"\x04")  # two turns, then Ctrl-D
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, seen.decode(errors="replace")
+    assert seen.count(b"you: ") == 3 and seen.count(b"assistant: ") == 2, seen.decode(errors="replace")

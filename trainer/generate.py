@@ -236,15 +236,14 @@ def main(argv: list[str]) -> int:
         check_args(args)
         device = _device(args.device)
         loaded = load_model(layout.base_dir(), args.phase, args.model_tag, args.step, device)
-    except GenerateError as e:
-        print(f"trainer {command}: error: {e}", file=sys.stderr, flush=True)
-        return exitcodes.BAD_ARGS
-    sampler = Sampler(args.temperature, args.top_k or None, args.seed, device)
-    try:
+        sampler = Sampler(args.temperature, args.top_k or None, args.seed, device)
         if command == "sample":
             return run_sample(loaded, args, sampler)
         return run_chat(loaded, args, sampler)
-    except KeyboardInterrupt:
+    except GenerateError as e:
+        print(f"trainer {command}: error: {e}", file=sys.stderr, flush=True)
+        return exitcodes.BAD_ARGS
+    except KeyboardInterrupt:  # Ctrl-C ends a chat (or a long sample) as EOF does
         print(flush=True)
         return exitcodes.OK
 
@@ -272,10 +271,10 @@ def run_sample(loaded: Loaded, args, sampler: Sampler) -> int:
     tok = loaded.tok
     ids = prompt_ids(loaded, args.prompt)
     stop = stop_ids(loaded)
-    out = [t for t in generate(loaded, ids, args.max_tokens, sampler, stop=stop, use_cache=not args.no_cache)
-           if t not in stop]
     print(f"{loaded.phase} step {loaded.step}, {loaded.device.type}: "
           f"{'chat template' if loaded.chat else 'plain text'}", file=sys.stderr, flush=True)
+    out = [t for t in generate(loaded, ids, args.max_tokens, sampler, stop=stop, use_cache=not args.no_cache)
+           if t not in stop]
     if loaded.chat:
         print(tok.decode(out), flush=True)
     else:
