@@ -154,7 +154,7 @@ def test_python_m_trainer_sample_prints_a_completion_and_refuses_bad_flags_in_on
     assert r.stdout.startswith("The") and len(r.stdout.strip()) > 3
     assert "base step 4, cpu: plain text" in r.stderr
     bad_flags = [(["--temperature=-1"], "--temperature"), (["--model_tag=nope"], "no complete checkpoint"),
-                 (["--max_tokens=0"], "--max_tokens")]
+                 (["--top_k=-1"], "--top_k")]
     if not torch.cuda.is_available():
         bad_flags.append((["--device=cuda"], "no CUDA device"))
     for bad, words in bad_flags:

@@ -104,23 +104,29 @@ def find_target(settings, rec) -> Target:
     from daemon.cli import UserError
     from trainer import layout
     spec = rec.job_spec
-    tag = spec.resolved_model_tag
     root = settings.checkpoint_root
     for i in reversed(range(len(spec.phases))):
         phase = spec.phases[i].phase
         step = rec.phase_final_steps.get(phase)
         if step is None:
             continue
+        tag = phase_tag(spec, i)
         ckpt_dir = layout.checkpoint_dir(root, phase, tag)
         why = layout.why_incomplete(ckpt_dir, step)
         if why is not None:
             raise UserError(f"job {rec.name}: the final {phase} checkpoint, step {step} in {ckpt_dir}, "
                             f"is not usable: {why}")
         return Target(phase=phase, step=step, model_tag=tag, phase_index=i)
-    now = rec.phase or spec.phases[-1].phase
-    newest = layout.latest_complete(layout.checkpoint_dir(root, now, tag))
+    index = min(rec.phase_index, len(spec.phases) - 1)
+    now = spec.phases[index].phase
+    newest = layout.latest_complete(layout.checkpoint_dir(root, now, phase_tag(spec, index)))
     there = f"; its newest checkpoint is step {newest}" if newest is not None else "; no checkpoint of it yet"
     raise UserError(f"job {rec.name} has no final checkpoint yet: it is {rec.state.value} in phase {now}{there}")
+
+
+def phase_tag(spec, index: int) -> str:
+    """A phase's checkpoint folder name: its own model_tag flag, else the job's (as the launch does)."""
+    return str(spec.phases[index].args.get("model_tag") or spec.resolved_model_tag)
 
 
 def trainer_python(settings) -> list[str]:
@@ -173,11 +179,13 @@ def nanochat_instead(settings, rec, command: str, prompt: str) -> str:
     from daemon.trainers.nanochat_script import resolve_python, resolve_repo
     spec = rec.job_spec
     phases = [p.phase for p in spec.phases]
-    source = next((p for p in reversed(phases) if rec.phase_final_steps.get(p) is not None), phases[-1])
+    index = next((i for i in reversed(range(len(phases))) if rec.phase_final_steps.get(phases[i]) is not None),
+                 len(phases) - 1)
+    source = phases[index]
     step = rec.phase_final_steps.get(source)
     repo = resolve_repo(spec)
     python = resolve_python(spec, repo) or spec.nanochat.python
-    flags = ["-i", source, "-g", spec.resolved_model_tag] + (["-s", str(step)] if step is not None else [])
+    flags = ["-i", source, "-g", phase_tag(spec, index)] + (["-s", str(step)] if step is not None else [])
     head = f"cd {shlex.quote(str(repo))} && NANOCHAT_BASE_DIR={shlex.quote(str(settings.checkpoint_root))} " \
            f"{shlex.quote(str(python))} -m scripts."
     lines = [f"nanod {command}: job {rec.name} trains with nanochat (runner: nanochat), whose models nanod does not "
