@@ -161,3 +161,20 @@ def test_python_m_trainer_sample_prints_a_completion_and_refuses_bad_flags_in_on
         r = run_trainer(root, "sample", f"--model_tag={TAG}", *bad)
         assert r.returncode == exitcodes.BAD_ARGS and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_cache_under_bfloat16_follows_the_training_forward(root):
+    loaded = generate.load_model(root, "sft", TAG, None, torch.device("cuda"))
+    seq = torch.tensor([generate.prompt_ids(loaded, "one two three four")], device="cuda")
+    cache = KVCache(loaded.model.config.n_layer)
+    with loaded.autocast():
+        loaded.model.forward_cached(seq[:, :-3], cache)
+        logits = loaded.model.forward_cached(seq[:, -3:], cache)
+        with torch.no_grad():
+            full = loaded.model(seq)[:, -1]
+    assert cache.pos == seq.size(1) and cache.k[0].device.type == "cuda"
+    torch.testing.assert_close(logits, full.float(), rtol=0.05, atol=0.05)
+    out = tokens(loaded, generate.prompt_ids(loaded, "hi"), 8, seed=1, temperature=1.0)
+    assert len(out) >= 1 and all(0 <= t < loaded.tok.vocab_size for t in out)
