@@ -70,8 +70,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Every layer's keys and values for positions [0, pos), as (B, n_kv_head, capacity, head_dim) buffers.
 
-    Allocated on the first write with the keys' dtype and device (bfloat16 under
-    autocast); capacity doubles when a conversation outgrows it. `clear` forgets
+    Allocated on the first write with the keys' dtype and device (whatever
+    autocast made them); capacity doubles when a conversation outgrows it. `clear` forgets
     the conversation without freeing memory.
     """
 
