@@ -9,9 +9,9 @@ import pytest
 
 from test_trainer_run import Run, assert_same_bits, ckpt, finish
 from trainer import exitcodes, layout
-from trainer.autofit import bisect_largest, default_choice
+from trainer.autofit import bisect_largest
 from trainer.cli import BadArgs, parse_args
-from trainer.options import autofit_target, batch_candidates
+from trainer.options import autofit_target, batch_candidates, default_batch_choice
 
 STEPS = 6
 # 256 tokens a step of rows of 32: 8 rows, so the candidates are 1, 2, 4 and 8
@@ -93,10 +93,10 @@ def test_the_search_asks_each_candidate_once_and_finds_the_largest_that_fits():
 
 
 def test_without_a_memory_limit_the_cpu_takes_the_phase_default_capped_by_the_rows():
-    assert default_choice("base", batch_candidates(524288, 2048)) == 32
-    assert default_choice("base", batch_candidates(256, 32)) == 8
-    assert default_choice("sft", batch_candidates(32 * 64, 64)) == 4
-    assert default_choice("base", [1, 3, 9, 27, 81]) == 27
+    assert default_batch_choice("base", batch_candidates(524288, 2048)) == 32
+    assert default_batch_choice("base", batch_candidates(256, 32)) == 8
+    assert default_batch_choice("sft", batch_candidates(32 * 64, 64)) == 4
+    assert default_batch_choice("base", [1, 3, 9, 27, 81]) == 27
 
 
 def test_the_target_share_of_the_card_is_a_checked_setting():

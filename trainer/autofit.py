@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from trainer.options import autofit_target, phase_defaults
+from trainer.options import autofit_target, default_batch_choice
 
 GIB = 2 ** 30
 
@@ -58,13 +58,12 @@ def fit_batch(t) -> None:
     candidates = plan.autofit["candidates"]
     t0 = time.monotonic()
     if device.type != "cuda" and t.faults.oom_above is None:
-        chosen = default_choice(plan.phase, candidates)
+        chosen = default_batch_choice(plan.phase, candidates)
         record = {"how": "default", "chosen": chosen, "probes": [], "seconds": 0.0}
         plan.set_batch(chosen)
         plan.autofit = record
         t.note(f"auto-fit: device_batch_size {chosen} (not probed: the {device.type} has no memory limit to find; "
-               f"the largest that divides the step's {candidates[-1]} rows up to {plan.phase}'s default "
-               f"{_default_of(plan.phase)})")
+               f"the largest that divides the step's {candidates[-1]} rows, up to {plan.phase}'s default)")
         return
     target = autofit_target(os.environ)
     card = card_bytes(device, t.faults) if device.type == "cuda" else None
@@ -123,17 +122,6 @@ def bisect_largest(candidates: list[int], fits) -> int | None:
         else:
             hi = mid - 1
     return best
-
-
-def default_choice(phase: str, candidates: list[int]) -> int:
-    """Where nothing limits memory: the largest candidate at most the phase's default."""
-    cap = _default_of(phase)
-    return max([c for c in candidates if c <= cap] or candidates[:1])
-
-
-def _default_of(phase: str) -> int:
-    d = phase_defaults(phase).get("device_batch_size")
-    return d if isinstance(d, int) else phase_defaults("base")["device_batch_size"]  # mid inherits base's
 
 
 def card_bytes(device, faults) -> int:

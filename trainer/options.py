@@ -155,6 +155,14 @@ def batch_candidates(total_batch_size: int, row_length: int, world_size: int = 1
     return sorted(set(small + [rows // d for d in small]))
 
 
+def default_batch_choice(phase: str, candidates: list[int]) -> int:
+    """device_batch_size auto where nothing is probed (a CPU, or a trainer without auto-fit and no GPU
+    to size it for): the largest candidate at most the phase's default (mid inherits base's 32)."""
+    cap = PHASE_DEFAULTS[phase]["device_batch_size"]
+    cap = cap if isinstance(cap, int) else PHASE_DEFAULTS["base"]["device_batch_size"]
+    return max([c for c in candidates if c <= cap] or candidates[:1])
+
+
 def fields_of() -> list[dataclasses.Field]:
     return list(dataclasses.fields(Options))
 
