@@ -87,3 +87,30 @@ def test_a_silent_attempt_is_stopped_as_stalled_after_startup_grace(watched):
         time.sleep(0.05)
     attempts.reap()
     assert rec.last_attempt.outcome == "stalled" and rec.state == JobState.BACKING_OFF
+
+
+def test_an_auto_phase_reuses_an_earlier_auto_choice_only_for_the_same_shape(nanod_home, nanochat_dir):
+    settings = load_settings(nanod_home)
+    ensure_dirs(settings)
+    queue = Queue(settings)
+    row = {"max_seq_len": 32, "total_batch_size": 256, "device_batch_size": "auto"}
+    spec = parse_job({"phases": [{"phase": "base", "args": {"depth": 2, **row}},
+                                 {"phase": "mid", "args": dict(row)},
+                                 {"phase": "sft", "args": {"max_tokens": 64, "total_batch_size": 256,
+                                                           "device_batch_size": "auto"}}]}, default_name="a")
+    rec = queue.add(spec)
+    attempts = Attempts(settings, queue)
+    assert attempts._batch_size(rec) is None                     # nothing chosen yet: the trainer probes
+    rec.device_batch_size["base"] = 4                             # base's auto-fit chose 4
+    assert attempts._batch_size(rec) == 4                         # its own next attempt: given
+    rec.phase_index = 1
+    assert attempts._batch_size(rec) == 4                         # mid: same model, rows and GPUs
+    assert rec.events[-1]["kind"] == "autofit" and "from base's auto-fit" in rec.events[-1]["message"]
+    rec.device_batch_size["mid"] = 2                              # an OOM lowered mid's
+    rec.phase_index = 2
+    assert attempts._batch_size(rec) is None                      # sft's rows are 64 tokens: probe again
+    spec8 = parse_job({"phases": [{"phase": "base", "args": {"depth": 2, "device_batch_size": "auto"}},
+                                  {"phase": "mid", "args": {"device_batch_size": 16}}]}, default_name="b")
+    rec8 = queue.add(spec8)
+    rec8.device_batch_size["base"], rec8.phase_index = 8, 1
+    assert attempts._batch_size(rec8) == 16                       # an auto phase's choice caps no given value

@@ -11,11 +11,16 @@ second forward and backward while the gradients and that state exist (a step of
 grad_accum >= 2 micro-batches looks like this), and a second optimizer step.
 The rows are zeros made on the device: nothing is read from the data loader.
 
-- On CUDA a candidate fits when the peak reserved memory
-  (`torch.cuda.max_memory_reserved` after `reset_peak_memory_stats`) stays within
-  the target share of the card (NANOD_AUTOFIT_TARGET, default 0.88 of
-  `torch.cuda.mem_get_info`'s total, or of NANOD_FAULT_VRAM_GB's smaller card),
-  and it ran without a real out-of-memory error; memory is released after each.
+- On CUDA a candidate fits when it ran without a real out-of-memory error and
+  its peak reserved memory (`torch.cuda.max_memory_reserved` after
+  `reset_peak_memory_stats`), plus what was in use outside the caching allocator
+  when the search began (the CUDA context, other processes: total - free -
+  reserved by `torch.cuda.mem_get_info`), stays within the target share of the
+  card (NANOD_AUTOFIT_TARGET, default 0.88 of the total, or of the smaller card
+  NANOD_FAULT_VRAM_GB simulates): what nvidia-smi would show on that card.
+  Memory is released after each probe. With a total batch of 2^k rows the
+  candidates are powers of two, so the use lands anywhere between about half the
+  target and the target; a total with a factor 3 gives finer steps.
 - On the CPU (and MPS) a probe runs only under NANOD_FAULT_OOM_ABOVE (the
   simulated small card, raised at the forward as in training), so the search
   lands on that value. Without it there is no memory limit worth finding: the
@@ -66,8 +71,10 @@ def fit_batch(t) -> None:
                f"the largest that divides the step's {candidates[-1]} rows, up to {plan.phase}'s default)")
         return
     target = autofit_target(os.environ)
-    card = card_bytes(device, t.faults) if device.type == "cuda" else None
-    budget = int(target * card) if card else None
+    card = others = budget = None
+    if device.type == "cuda":
+        card, others = card_bytes(device, t.faults)
+        budget = int(target * card) - others   # what the card shows in use stays within the target
     weights = {k: v.detach().to("cpu", copy=True) for k, v in t.model.state_dict().items()}
     rng_cpu = torch.get_rng_state()
     rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -95,11 +102,13 @@ def fit_batch(t) -> None:
     seconds = time.monotonic() - t0
     said = ", ".join(f"{b} {'yes' if ok else 'no'}" for b, ok, _ in probes)
     peak = next((p for b, ok, p in probes if b == chosen), None)
+    used = peak + others if peak is not None and others is not None else None
     record = {"how": "probed", "chosen": chosen, "probes": probes, "seconds": round(seconds, 3),
-              "target": target, "card_bytes": card, "peak_bytes": peak,
-              "peak_frac": round(peak / card, 4) if peak and card else None}
+              "target": target, "card_bytes": card, "others_bytes": others, "peak_bytes": peak,
+              "peak_frac": round(used / card, 4) if used and card else None}
     if card:
-        limit = f"peak {peak / GIB:.1f}/{card / GIB:.1f} GiB = {100 * peak / card:.0f}%" if peak else \
+        ours = f", {others / GIB:.1f} of it not the allocator's" if others else ""
+        limit = f"peak {used / GIB:.1f}/{card / GIB:.1f} GiB = {100 * used / card:.0f}%{ours}" if used else \
             f"target {100 * target:.0f}% of {card / GIB:.1f} GiB"
     else:
         limit = f"{device.type}: NANOD_FAULT_OOM_ABOVE={t.faults.oom_above} is the limit"
@@ -124,12 +133,14 @@ def bisect_largest(candidates: list[int], fits) -> int | None:
     return best
 
 
-def card_bytes(device, faults) -> int:
-    """The card's memory, or the smaller card NANOD_FAULT_VRAM_GB simulates on it."""
-    total = torch.cuda.mem_get_info(device)[1]
+def card_bytes(device, faults) -> tuple[int, int]:
+    """(the card's memory, or the smaller card NANOD_FAULT_VRAM_GB simulates on it; what is in use
+    outside this process's caching allocator now: its CUDA context, other processes)."""
+    free, total = torch.cuda.mem_get_info(device)
+    others = max(0, total - free - torch.cuda.memory_reserved(device))
     if faults.vram_gb is not None:
         total = min(total, int(faults.vram_gb * GIB))
-    return total
+    return total, others
 
 
 def probe(t, batch: int, budget: int | None) -> tuple[bool, int | None]:
