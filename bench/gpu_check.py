@@ -75,24 +75,30 @@ def plan(args) -> dict:
     }
 
 
+def step_figures(text: str) -> tuple[list[int], float, int | None]:
+    """(tok/s of each step line after step 0, the peak memory they name, the params of the model line)."""
+    tps, peak, params = [], 0.0, None
+    for line in text.splitlines():
+        m = STEP.match(line)
+        if m:
+            if int(m.group(1)) > 0:  # step 0 carries compilation and warm-up
+                tps.append(int(m.group(3).replace(",", "")))
+            if m.group(4):
+                peak = max(peak, float(m.group(4)))
+        elif params is None and (p := PARAMS.search(line)):
+            params = int(p.group(1).replace(",", ""))
+    return tps, peak, params
+
+
 def read_attempts(home: Path, rec: dict) -> list[dict]:
     """Per attempt: phase, batch size, outcome, tok/s and peak memory from its step lines."""
     rows = []
     for a in rec.get("attempts", []):
-        tps, peak, params = [], 0.0, None
         try:
             text = (home / a["log"]).read_text(errors="replace")
         except OSError:
             text = ""
-        for line in text.splitlines():
-            m = STEP.match(line)
-            if m:
-                if int(m.group(1)) > 0:  # step 0 carries compilation and warm-up
-                    tps.append(int(m.group(3).replace(",", "")))
-                if m.group(4):
-                    peak = max(peak, float(m.group(4)))
-            elif params is None and (p := PARAMS.search(line)):
-                params = int(p.group(1).replace(",", ""))
+        tps, peak, params = step_figures(text)
         rows.append({"n": a["n"], "phase": a["phase"], "device_batch_size": a.get("device_batch_size"),
                      "outcome": a.get("outcome"), "error": (a.get("error") or "")[:100],
                      "tok_per_sec": statistics.median(tps) if tps else None, "peak_mem_gib": peak or None,
@@ -110,7 +116,8 @@ def autofit_runs(args, work: Path) -> dict:
         shape = ["--depth=2", "--max_seq_len=64", "--total_batch_size=1024"]
         card = {"NANOD_FAULT_OOM_ABOVE": "8", "OMP_NUM_THREADS": "1"}
     else:
-        shape = ["--depth=8", "--max_seq_len=1024", "--total_batch_size=131072"]   # 128 rows a step
+        # 192 rows a step: divisors 1, 2, 3, 4, 6, 8, 12, 16, 24 ... (2^k rows would allow powers of two only)
+        shape = ["--depth=8", "--max_seq_len=1024", "--total_batch_size=196608"]
         card = {"NANOD_FAULT_VRAM_GB": str(args.vram_gb)}
     steps = max(3, args.base_steps // 4)
     env = {k: v for k, v in os.environ.items() if not k.startswith("NANOD_")}
@@ -128,14 +135,7 @@ def autofit_runs(args, work: Path) -> dict:
             out, err, code = r.stdout, r.stderr, r.returncode
         except subprocess.TimeoutExpired as e:
             out, err, code = (e.stdout or b"").decode(errors="replace"), (e.stderr or b"").decode(errors="replace"), None
-        tps, peak = [], 0.0
-        for line in out.splitlines():
-            m = STEP.match(line)
-            if m:
-                if int(m.group(1)) > 0:   # step 0 carries compilation and warm-up
-                    tps.append(int(m.group(3).replace(",", "")))
-                if m.group(4):
-                    peak = max(peak, float(m.group(4)))
+        tps, peak, _ = step_figures(out)
         fit = AUTOFIT_LINE.search(err)
         runs[name] = {"exit": code, "seconds": round(time.monotonic() - t0, 1),
                       "device_batch_size": int(fit.group(1)) if fit else int(batch) if batch.isdigit() else None,
