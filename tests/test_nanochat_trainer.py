@@ -742,3 +742,17 @@ def test_auto_on_a_gpu_is_the_largest_batch_nanods_estimate_fits_in_the_target(d
     assert preflight.estimate_vram(flags, "base", chosen) <= 0.88 * (8 << 30) < \
         preflight.estimate_vram(flags, "base", 2 * chosen)
     assert f"nanod's VRAM estimate picks {chosen} for GPU 0 (8.0 GiB)" in note and "target 88%" in note
+
+
+@slow
+def test_e2e_auto_gets_a_number_the_attempt_records_and_an_oom_halves_it(start_daemon, dash):
+    d = start_daemon(dash, {"STANDIN_OOM_ABOVE": "2", "STANDIN_STEP_SECONDS": "0.02"})
+    d.submit("nc", plan_yaml(dash, [AUTO_BASE]))
+    rec = d.wait_state("nc", "done")
+    # 1024 tokens of 64-token rows: 16 rows a step caps the estimate (or base's default 32 without a GPU)
+    assert [a["device_batch_size"] for a in rec["attempts"]] == [16, 8, 4, 2]
+    assert [a["outcome"] for a in rec["attempts"]] == ["oom", "oom", "oom", "completed"]
+    argvs = d.argvs("nc")
+    assert "--device-batch-size=16" in argvs[0] and "--device-batch-size=2" in argvs[3]
+    notes = [e["message"] for e in rec["events"] if e["kind"] == "runner_note"]
+    assert len(notes) == 1 and notes[0].startswith("device_batch_size auto: nanochat has no auto-fit")
