@@ -338,6 +338,8 @@ def test_auto_batch_is_chosen_once_recorded_shown_and_given_to_later_attempts_an
     for phase in ("base", "mid"):
         meta = layout.read_meta(env.ckpt_dir("auto", phase), 4)
         assert (meta["total_batch_size"], meta["device_batch_size"], meta["grad_accum_steps"]) == (256, 2, 4)
+    # the relaunch was given 2 and resumed: the final checkpoint still says what auto-fit probed
+    assert layout.read_meta(env.ckpt_dir("auto"), 4)["nanod"]["autofit"]["probes"] == [[4, False, None], [2, True, None]]
     status = json.loads(env.nanod("status", "--json").stdout)
     job_view = next(j for j in status["jobs"] if j["name"] == "auto")
     assert (job_view["device_batch_size"], job_view["device_batch_size_auto"]) == (2, True)

@@ -109,6 +109,9 @@ def resolve_plan(phase: str, opts: Options, given: dict, *, world_size: int = 1,
     autofit = None
     if B == AUTO:
         B, autofit = resolve_auto(phase, resume, total, seq_len, W, row_name)
+    elif resume and resume["meta"].get("device_batch_size") == B:
+        # the daemon gives auto's choice as a number to later attempts: the record goes on with it
+        autofit = (resume["meta"].get("nanod") or {}).get("autofit")
     if B is not None and total % (W * B * seq_len):
         ranks = "world_size x " if W > 1 else ""
         shown = f"{W} x " if W > 1 else ""

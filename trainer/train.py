@@ -45,6 +45,7 @@ from trainer.distributed import Group, pick_device
 from trainer.faults import Faults
 from trainer.host_alloc import keep_freed_blocks
 from trainer.model import GPT
+from trainer.options import AUTO
 from trainer.optim import build_optimizers
 from trainer.setup import Plan
 from trainer.signals import StopFlag
@@ -95,7 +96,7 @@ class Trainer:
             self.loss_of = functools.partial(model, fused=self.device.type == "cpu")
         self.autocast = (torch.amp.autocast("cuda", dtype=getattr(torch, o.dtype))
                          if cuda and o.dtype != "float32" else nullcontext())
-        if plan.autofit:
+        if plan.opts.device_batch_size == AUTO:
             # device_batch_size: auto, probed with the real model and step before anything is loaded;
             # it leaves weights, optimizer and RNG as they were (trainer/autofit.py)
             fit_batch(self)
