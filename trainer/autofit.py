@@ -50,6 +50,7 @@ import torch
 from trainer.options import autofit_target, default_batch_choice
 
 GIB = 2 ** 30
+OTHER_OOM_WORDS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 
 
 def fit_batch(t) -> None:
@@ -154,6 +155,10 @@ def probe(t, batch: int, budget: int | None) -> tuple[bool, int | None]:
         out_of_memory = False
     except torch.OutOfMemoryError:
         out_of_memory = True
+    except RuntimeError as e:   # cuBLAS/cuDNN say it in their own words when their workspace does not fit
+        if not any(words in str(e) for words in OTHER_OOM_WORDS):
+            raise
+        out_of_memory = True
     peak = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
     t.optim.zero_grad()
     release(device)
@@ -163,11 +168,13 @@ def probe(t, batch: int, budget: int | None) -> tuple[bool, int | None]:
 
 def _micro_steps(t, batch: int) -> None:
     """Two micro-batches of zeros with an optimizer step after each (the second runs beside the state)."""
+    # two tensors, as in training: a compiled model guards on its inputs aliasing each other
     x = torch.zeros((batch, t.plan.seq_len), dtype=torch.long, device=t.device)
+    y = torch.zeros_like(x)
     for _ in range(2):
         t.faults.before_forward(batch)
         with t.autocast:
-            loss = t.loss_of(x, x) / x.numel()
+            loss = t.loss_of(x, y) / y.numel()
         loss.backward()
         del loss
         t.optim.step()
