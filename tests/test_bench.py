@@ -108,3 +108,15 @@ def test_gpu_check_autofit_smoke_compares_auto_with_the_guides_batch_and_skips_c
     if not torch.cuda.is_available():
         r = subprocess.run([PYTHON, "-m", "bench.gpu_check"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "skipped: no CUDA GPU" in r.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_check_autofit_on_a_real_gpu_stays_within_the_simulated_card(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    r = subprocess.run([PYTHON, "-m", "bench.gpu_check", "--autofit", "--no-compile", "--base-steps", "12",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check_autofit.json").read_text())
+    assert result["runs"]["auto"]["device_batch_size"] >= 2 and 0 < result["vram_frac"] <= 0.92
