@@ -114,3 +114,17 @@ def test_an_auto_phase_reuses_an_earlier_auto_choice_only_for_the_same_shape(nan
     rec8 = queue.add(spec8)
     rec8.device_batch_size["base"], rec8.phase_index = 8, 1
     assert attempts._batch_size(rec8) == 16                       # an auto phase's choice caps no given value
+
+
+def test_the_trainers_auto_fit_line_becomes_the_attempts_batch_that_an_oom_halves(watched):
+    from daemon import supervisor
+    from daemon.trainers import Outcome
+    attempts, rec, log = watched
+    write(log, "auto-fit: device_batch_size 8 (probed 16 no, 8 yes in 0.5s; peak 6.9/8.0 GiB = 86%)\n")
+    attempts.read_progress()
+    assert (rec.last_attempt.device_batch_size, rec.device_batch_size) == (8, {"base": 8})
+    assert rec.events[-1]["kind"] == "autofit" and rec.events[-1]["message"].startswith("base: auto-fit: device_batch_size 8")
+    d = supervisor.decide(Outcome.OOM, phase="base", phase_index=0, n_phases=1, recovery=rec.job_spec.recovery,
+                          restarts_without_progress=0, progressed=False,
+                          device_batch_size=rec.last_attempt.device_batch_size, exit_words="exit 3", error="")
+    assert d.device_batch_size == 4

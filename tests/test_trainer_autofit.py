@@ -104,3 +104,19 @@ def test_the_target_share_of_the_card_is_a_checked_setting():
     for bad in ("most", "1.5", "0.1"):
         with pytest.raises(ValueError, match="NANOD_AUTOFIT_TARGET"):
             autofit_target({"NANOD_AUTOFIT_TARGET": bad})
+
+
+def test_when_nothing_fits_it_says_so_in_one_line_and_exits_out_of_memory(given):
+    run = Run(given, "base", *SHAPE, "--device_batch_size=auto", tag="none", env={"NANOD_FAULT_OOM_ABOVE": "0"})
+    assert run.wait() == exitcodes.OOM, run.err()
+    said = [line for line in run.err().splitlines() if line.startswith("auto-fit:")]
+    assert len(said) == 1 and said[0].startswith("auto-fit: no device_batch_size fits (probed 4 no, 2 no, 1 no in ")
+    assert not layout.list_steps(ckpt(given, "none"))
+
+
+def test_the_daemon_reads_the_choice_and_the_failure_from_the_line():
+    from daemon.trainers.builtin import parse_batch_choice
+    assert parse_batch_choice("auto-fit: device_batch_size 12 (probed 16 no, 12 yes in 2.0s; peak ...)") == 12
+    assert parse_batch_choice("auto-fit: no device_batch_size fits (probed 1 no in 0.1s; ...)") == 1
+    assert parse_batch_choice("step 00001/00010 (10.00%) | loss: 1.0") is None
+    assert parse_batch_choice("  auto-fit: device_batch_size 3") is None   # only the trainer's own line
