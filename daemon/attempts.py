@@ -281,6 +281,8 @@ class Attempts:
             now, then = phase_shape(spec, i), phase_shape(spec, j)
             same = all(now[k] == then[k] for k in ("model", "row", "ranks"))
             if same and used in now["candidates"]:
+                # the phase's working value from now on (said once, however long the launch then waits)
+                rec.device_batch_size[spec.phases[i].phase] = used
                 self.queue.note(rec, "autofit", f"{spec.phases[i].phase}: device_batch_size {used} from {prev.phase}'s "
                                 "auto-fit (same model, row length and GPUs: not probed again)")
                 return used

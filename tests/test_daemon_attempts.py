@@ -106,6 +106,7 @@ def test_an_auto_phase_reuses_an_earlier_auto_choice_only_for_the_same_shape(nan
     rec.phase_index = 1
     assert attempts._batch_size(rec) == 4                         # mid: same model, rows and GPUs
     assert rec.events[-1]["kind"] == "autofit" and "from base's auto-fit" in rec.events[-1]["message"]
+    assert attempts._batch_size(rec) == 4 and sum(e["kind"] == "autofit" for e in rec.events) == 1   # said once
     rec.device_batch_size["mid"] = 2                              # an OOM lowered mid's
     rec.phase_index = 2
     assert attempts._batch_size(rec) is None                      # sft's rows are 64 tokens: probe again
