@@ -134,7 +134,8 @@ def autofit_runs(args, work: Path) -> dict:
             r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.minutes * 60)
             out, err, code = r.stdout, r.stderr, r.returncode
         except subprocess.TimeoutExpired as e:
-            out, err, code = (e.stdout or b"").decode(errors="replace"), (e.stderr or b"").decode(errors="replace"), None
+            out, err = ((b or b"").decode(errors="replace") for b in (e.stdout, e.stderr))
+            code = None
         tps, peak, _ = step_figures(out)
         fit = AUTOFIT_LINE.search(err)
         runs[name] = {"exit": code, "seconds": round(time.monotonic() - t0, 1),
