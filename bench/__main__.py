@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = ["bench_checkpoint", "bench_trainer", "bench_status", "bench_daemon", "bench_notify", "bench_vs_nanochat",
-           "bench_slurm", "bench_chat"]
+           "bench_slurm", "bench_autofit", "bench_chat"]
 # every other target is an upper bound
 HIGHER_IS_BETTER = {"tokens_per_sec_ratio", "vs_nanochat_tokens_per_sec_ratio"}
 

@@ -195,6 +195,8 @@ class Attempts:
             return self._apply(rec, Decision(Action.FAIL, f"{phase}: {e}", "failed"), None, n)
         for note in getattr(launch, "notes", ()):
             self.queue.note(rec, "runner_note", note)
+        if dbs is None and launch.device_batch_size is not None:   # the adapter chose for `auto`
+            dbs = rec.device_batch_size[phase] = launch.device_batch_size
         if earlier and not adapter.can_resume(phase):
             self.queue.note(rec, "restart_from_start",
                             f"restarted from the start: this {getattr(adapter, 'name', spec.runner)} phase cannot resume")
@@ -244,18 +246,48 @@ class Attempts:
         return a
 
     def _batch_size(self, rec: JobRecord) -> int | None:
-        """The working device_batch_size: this phase's, else min(configured, what an earlier OOM left)."""
+        """The working device_batch_size: this phase's, else min(configured, what an earlier OOM left).
+
+        A phase with device_batch_size auto: what its own first attempt chose (or an OOM lowered it
+        to), else an earlier auto phase's working value when the shape is the same, else None: the
+        trainer probes. An auto phase's value is a measurement of its own shape, not an OOM's cap,
+        so it caps no later phase."""
         spec = rec.job_spec
         phase = spec.phases[rec.phase_index]
         if phase.phase in rec.device_batch_size:
             return rec.device_batch_size[phase.phase]
         configured = phase.args.get("device_batch_size")
+        if configured == "auto":
+            return self._reused_auto_batch(rec)
         cap = None
         for p in spec.phases[: rec.phase_index]:
             used, asked = rec.device_batch_size.get(p.phase), p.args.get("device_batch_size")
+            if asked == "auto":
+                continue
             if isinstance(used, int) and (not isinstance(asked, int) or used < asked):
                 cap = used if cap is None else min(cap, used)
         return supervisor.working_batch_size(configured if isinstance(configured, int) else None, cap)
+
+    def _reused_auto_batch(self, rec: JobRecord) -> int | None:
+        """The nearest earlier auto phase's working value if this phase has its shape (model, row length,
+        GPUs) and its total batch takes that value; None: probe again."""
+        from daemon.preflight import phase_shape
+        spec, i = rec.job_spec, rec.phase_index
+        for j in range(i - 1, -1, -1):
+            prev = spec.phases[j]
+            used = rec.device_batch_size.get(prev.phase)
+            if prev.args.get("device_batch_size") != "auto" or not isinstance(used, int):
+                continue
+            now, then = phase_shape(spec, i), phase_shape(spec, j)
+            same = all(now[k] == then[k] for k in ("model", "row", "ranks"))
+            if same and used in now["candidates"]:
+                # the phase's working value from now on (said once, however long the launch then waits)
+                rec.device_batch_size[spec.phases[i].phase] = used
+                self.queue.note(rec, "autofit", f"{spec.phases[i].phase}: device_batch_size {used} from {prev.phase}'s "
+                                "auto-fit (same model, row length and GPUs: not probed again)")
+                return used
+            return None
+        return None
 
     def _preflight(self, rec: JobRecord, dbs: int | None) -> bool:
         """check_phase once per phase start (per daemon run): FAIL fails the job, WARN is noted."""
@@ -304,12 +336,24 @@ class Attempts:
                 a.unsaved = True
                 if rec.state == S.PAUSED:
                     self.queue.transition(rec, S.RUNNING, f"phase {a.phase}, step {p.step}", kind="resumed")
+            elif (chosen := _batch_choice(a.adapter, line)) is not None:
+                self._batch_chosen(a, chosen, line)
             elif line.startswith("paused:"):
                 a.paused = True
                 if rec.state == S.RUNNING:
                     self.queue.transition(rec, S.PAUSED, line.strip(), kind="paused")
             elif line.startswith("resumed:"):
                 a.paused, a.last_activity = False, now   # the stall clock starts again; a step line says running
+
+    def _batch_chosen(self, a: Active, chosen: int, line: str) -> None:
+        """The trainer's auto-fit chose device_batch_size: the attempt used it, later attempts of the
+        phase get it given (no new probe), and an OOM halves it as for a given value."""
+        rec, att = a.rec, a.rec.last_attempt
+        if att is None or att.device_batch_size == chosen:
+            return
+        att.device_batch_size = chosen
+        rec.device_batch_size[a.phase] = chosen
+        self.queue.note(rec, "autofit", f"{a.phase}: {line.strip()}", attempt=att.n)
 
     def _scan_checkpoints(self, a: Active, now: float) -> None:
         newest = newest_checkpoint(a.ckpt_dir, since=a.since, is_complete=a.adapter.is_complete)
@@ -520,6 +564,11 @@ class Attempts:
                 self.queue.note(rec, "error", f"retry ignored: the job is {rec.state.value}")
         else:
             append_event(self.settings, "error", f"unknown request {action!r} for job {name}", job=name)
+
+
+def _batch_choice(adapter, line: str) -> int | None:
+    parse = getattr(adapter, "parse_batch_choice", None)
+    return parse(line) if parse is not None else None
 
 
 class _Ended:

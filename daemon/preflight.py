@@ -164,12 +164,35 @@ def estimate_vram(flags: dict, phase: str, device_batch_size: int | None = None)
     """Bytes of GPU memory the phase needs: an estimate (see the constants above)."""
     matrices, embeddings = param_counts(flags)
     n_layer, n_embd, vocab = model_shape(flags)
-    batch = int(device_batch_size or flags.get("device_batch_size") or 1)
+    batch = device_batch_size or flags.get("device_batch_size") or 1
+    batch = 1 if batch == "auto" else int(batch)   # auto: the trainer finds what fits; the least it needs
     tokens = batch * row_length(flags, phase)
     states = (matrices * (WEIGHT_GRAD_BYTES + MUON_STATE_BYTES)
               + embeddings * (WEIGHT_GRAD_BYTES + ADAMW_STATE_BYTES))
     activations = tokens * n_embd * n_layer * ACTIVATION_BYTES + tokens * vocab * LOGIT_BYTES
     return int((states + activations) * ALLOCATOR_OVERHEAD + CUDA_CONTEXT_BYTES)
+
+
+def phase_shape(spec, phase_index: int) -> dict:
+    """What a phase's memory per row depends on, and the device_batch_size values its total batch allows:
+    {"model": (n_layer, n_embd, vocab), "row": row length, "ranks": world size, "candidates": [...]}."""
+    from trainer.options import batch_candidates
+    phase = spec.phases[phase_index].phase
+    flags = phase_flags(spec, phase_index)
+    row = row_length(flags, phase)
+    return {"model": model_shape(flags), "row": row, "ranks": spec.world_size,
+            "candidates": batch_candidates(_tokens_per_step(flags, phase), row, spec.world_size)}
+
+
+def batch_from_estimate(flags: dict, phase: str, card_bytes: int, target: float,
+                        world_size: int = 1) -> int | None:
+    """device_batch_size auto without a probe (runner nanochat): the largest batch that keeps
+    total_batch_size divisible and whose estimate_vram stays within target x card_bytes;
+    None when even the smallest does not. An estimate, so the OOM back-off stays the backstop."""
+    from trainer.options import batch_candidates
+    candidates = batch_candidates(_tokens_per_step(flags, phase), row_length(flags, phase), world_size)
+    fitting = [b for b in candidates if estimate_vram(flags, phase, b) <= target * card_bytes]
+    return fitting[-1] if fitting else None
 
 
 def estimate_checkpoint_bytes(flags: dict) -> int:
@@ -372,8 +395,10 @@ def _check_vram(settings, spec, phase_index, flags, device_batch_size, gpus) -> 
     need = estimate_vram(flags, phase, device_batch_size)
     n_layer, n_embd, _ = model_shape(flags)
     batch = device_batch_size or flags.get("device_batch_size")
+    auto = batch == "auto"
+    shown = "1 (device_batch_size auto: the trainer finds the largest that fits)" if auto else batch
     what = (f"estimated need {format_size(need)} (d{n_layer}, width {n_embd}, "
-            f"{sum(param_counts(flags)) / 1e6:.0f}M params, batch {batch} x {row_length(flags, phase)} tokens)")
+            f"{sum(param_counts(flags)) / 1e6:.0f}M params, batch {shown} x {row_length(flags, phase)} tokens)")
     on_cpu = str(flags.get("device_type") or flags.get("device") or "").lower() == "cpu"
     if on_cpu:
         return Check(name, OK, "device_type=cpu: no GPU needed")
@@ -401,7 +426,7 @@ def _check_vram(settings, spec, phase_index, flags, device_batch_size, gpus) -> 
     free = f"{format_size(gpu.free_bytes)} free on GPU {gpu.index} ({gpu.name})"
     if need > gpu.free_bytes:
         return Check(name, FAIL, f"{what} > {free}: lower device_batch_size or max_seq_len")
-    if need > VRAM_WARN_FRACTION * gpu.free_bytes:
+    if need > VRAM_WARN_FRACTION * gpu.free_bytes and not auto:
         return Check(name, WARN, f"{what} is over {VRAM_WARN_FRACTION:.0%} of {free}")
     return Check(name, OK, f"{what}; {free}")
 

@@ -214,8 +214,14 @@ class JobSpec(_Strict):
             raise ValueError(f"nanochat.nproc_per_node is {nproc} but {have}: one rank per GPU, so list "
                              f"{nproc} GPUs in gpus: (or drop nproc_per_node)")
         for p in self.phases:
+            dbs = p.args.get("device_batch_size")
+            if isinstance(dbs, str) and dbs != "auto":
+                raise ValueError(f"phases.{p.phase}.args.device_batch_size must be an integer (at least 1) or auto, "
+                                 f"got {dbs!r}")
             for key in ("device_batch_size", "num_iterations", "max_seq_len", "max_tokens", "depth"):
                 v = p.args.get(key)
+                if key == "device_batch_size" and v == "auto":
+                    continue   # the trainer finds the largest that fits (trainer/autofit.py)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                     raise ValueError(f"phases.{p.phase}.args.{key} must be an integer, got {v!r}")
                 if key in ("device_batch_size", "max_seq_len", "max_tokens", "depth") and v is not None and v < 1:

@@ -311,10 +311,19 @@ def job_view(rec: dict, now: float) -> dict:
         "max_restarts_without_progress": recovery.get("max_restarts_without_progress"),
         "oom_backoffs": sum(1 for e in events if e.get("kind") == "oom_backoff"),
         "device_batch_size": working_dbs,
+        "device_batch_size_auto": _asks_auto(spec, index),
         "next_attempt_at": _opt_num(rec.get("next_attempt_at")),
         "attempt": _attempt_view(last),
         "error": _last_error(rec, attempts) if state == "failed" else "",
     }
+
+
+def _asks_auto(spec: dict, index: int) -> bool:
+    """Whether the current phase asks for device_batch_size auto (the working value is then its choice)."""
+    phases = spec.get("phases") if isinstance(spec.get("phases"), list) else []
+    phase = phases[index] if 0 <= index < len(phases) and isinstance(phases[index], dict) else {}
+    args = phase.get("args") if isinstance(phase.get("args"), dict) else {}
+    return args.get("device_batch_size") == "auto"
 
 
 def _progress_view(rec: dict, state: str, last: dict | None, now: float) -> dict | None:

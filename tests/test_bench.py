@@ -94,3 +94,40 @@ def test_tokens_per_sec_pairs_alternate_and_come_with_cpu_per_step_and_the_daemo
     assert cpu["target"] is None and 0.5 < cpu["median"] < 2.0
     assert set(cpu["per_step"]) == {"bare", "under"} and cpu["per_step"]["under"]["cpu_per_step"] > 0
     assert 0 <= figs["daemon_cpu_percent_while_training"]["median"] < 50
+
+
+def test_the_autofit_bench_reports_its_search_time_and_probes_landing_on_the_simulated_card():
+    r = subprocess.run([PYTHON, "-m", "bench.bench_autofit", "--rounds", "1", "--oom-above", "4"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    figs = {f["name"]: f for f in map(json.loads, [line for line in r.stdout.splitlines() if line.startswith("{")])}
+    assert figs["autofit_search_seconds_cpu"]["median"] > 0
+    assert figs["autofit_search_seconds_cpu"]["probes"] == [[4, True, None], [16, False, None], [8, False, None]]
+    assert figs["autofit_probes_cpu"]["median"] == 3
+
+
+@pytest.mark.slow
+def test_gpu_check_autofit_smoke_compares_auto_with_the_guides_batch_and_skips_cleanly_without_cuda(tmp_path):
+    r = subprocess.run([PYTHON, "-m", "bench.gpu_check", "--smoke", "--autofit", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check_autofit.json").read_text())
+    runs = result["runs"]
+    assert (runs["guide"]["device_batch_size"], runs["auto"]["device_batch_size"]) == (2, 8)
+    assert runs["auto"]["autofit"].startswith("probed 4 yes, 16 no, 8 yes") and result["ratio"] > 0
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        r = subprocess.run([PYTHON, "-m", "bench.gpu_check"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "skipped: no CUDA GPU" in r.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_check_autofit_on_a_real_gpu_stays_within_the_simulated_card(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    r = subprocess.run([PYTHON, "-m", "bench.gpu_check", "--autofit", "--no-compile", "--base-steps", "12",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check_autofit.json").read_text())
+    assert result["runs"]["auto"]["device_batch_size"] >= 2 and 0 < result["vram_frac"] <= 0.92

@@ -87,3 +87,45 @@ def test_a_silent_attempt_is_stopped_as_stalled_after_startup_grace(watched):
         time.sleep(0.05)
     attempts.reap()
     assert rec.last_attempt.outcome == "stalled" and rec.state == JobState.BACKING_OFF
+
+
+def test_an_auto_phase_reuses_an_earlier_auto_choice_only_for_the_same_shape(nanod_home, nanochat_dir):
+    settings = load_settings(nanod_home)
+    ensure_dirs(settings)
+    queue = Queue(settings)
+    row = {"max_seq_len": 32, "total_batch_size": 256, "device_batch_size": "auto"}
+    spec = parse_job({"phases": [{"phase": "base", "args": {"depth": 2, **row}},
+                                 {"phase": "mid", "args": dict(row)},
+                                 {"phase": "sft", "args": {"max_tokens": 64, "total_batch_size": 256,
+                                                           "device_batch_size": "auto"}}]}, default_name="a")
+    rec = queue.add(spec)
+    attempts = Attempts(settings, queue)
+    assert attempts._batch_size(rec) is None                     # nothing chosen yet: the trainer probes
+    rec.device_batch_size["base"] = 4                             # base's auto-fit chose 4
+    assert attempts._batch_size(rec) == 4                         # its own next attempt: given
+    rec.phase_index = 1
+    assert attempts._batch_size(rec) == 4                         # mid: same model, rows and GPUs
+    assert rec.events[-1]["kind"] == "autofit" and "from base's auto-fit" in rec.events[-1]["message"]
+    assert attempts._batch_size(rec) == 4 and sum(e["kind"] == "autofit" for e in rec.events) == 1   # said once
+    rec.device_batch_size["mid"] = 2                              # an OOM lowered mid's
+    rec.phase_index = 2
+    assert attempts._batch_size(rec) is None                      # sft's rows are 64 tokens: probe again
+    spec8 = parse_job({"phases": [{"phase": "base", "args": {"depth": 2, "device_batch_size": "auto"}},
+                                  {"phase": "mid", "args": {"device_batch_size": 16}}]}, default_name="b")
+    rec8 = queue.add(spec8)
+    rec8.device_batch_size["base"], rec8.phase_index = 8, 1
+    assert attempts._batch_size(rec8) == 16                       # an auto phase's choice caps no given value
+
+
+def test_the_trainers_auto_fit_line_becomes_the_attempts_batch_that_an_oom_halves(watched):
+    from daemon import supervisor
+    from daemon.trainers import Outcome
+    attempts, rec, log = watched
+    write(log, "auto-fit: device_batch_size 8 (probed 16 no, 8 yes in 0.5s; peak 6.9/8.0 GiB = 86%)\n")
+    attempts.read_progress()
+    assert (rec.last_attempt.device_batch_size, rec.device_batch_size) == (8, {"base": 8})
+    assert rec.events[-1]["kind"] == "autofit" and rec.events[-1]["message"].startswith("base: auto-fit: device_batch_size 8")
+    d = supervisor.decide(Outcome.OOM, phase="base", phase_index=0, n_phases=1, recovery=rec.job_spec.recovery,
+                          restarts_without_progress=0, progressed=False,
+                          device_batch_size=rec.last_attempt.device_batch_size, exit_words="exit 3", error="")
+    assert d.device_batch_size == 4

@@ -5,6 +5,7 @@ fixtures). The helpers here are shared with tests/test_daemon_recovery.py.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -311,3 +312,34 @@ def test_a_second_daemon_on_the_same_home_refuses_and_one_on_another_home_runs(e
     finally:
         assert other.stop() == 0
     assert first.stop() == 0
+
+
+def test_auto_batch_is_chosen_once_recorded_shown_and_given_to_later_attempts_and_same_shape_phases(env):
+    env.daemon()
+    # 256 tokens of 32-token rows: the candidates are 1, 2, 4, 8; the simulated card fits 2.
+    # The first attempt crashes before step 3 (after its checkpoint at 2): the relaunch resumes.
+    job = plan("auto", steps=4, save_every=2, phases=("base", "mid"),
+               env={"NANOD_FAULT_OOM_ABOVE": "2", "NANOD_FAULT_CRASH_AT_STEP": "3"},
+               base_args={"device_batch_size": "auto", "total_batch_size": 256})
+    job["phases"][1]["args"].update(device_batch_size="auto", total_batch_size=256)
+    env.drop(job)
+    rec = env.wait_state("auto", "done", "failed", timeout=150)
+    assert rec.state.value == "done", rec.reason
+    assert [(a.phase, a.device_batch_size, a.outcome) for a in rec.attempts] == [
+        ("base", 2, "crashed"), ("base", 2, "completed"), ("mid", 2, "completed")]
+    assert rec.device_batch_size == {"base": 2, "mid": 2}
+    logs = [(env.home / a.log).read_text() for a in rec.attempts]
+    assert "--device_batch_size=auto" in logs[0] and "auto-fit: device_batch_size 2 (probed 4 no, 2 yes" in logs[0]
+    for later in logs[1:]:   # given, not probed again: the relaunch, and mid (same model, rows and GPUs)
+        assert "--device_batch_size=2" in later and "auto-fit:" not in later
+    fits = [e["message"] for e in rec.events if e["kind"] == "autofit"]
+    assert fits[0].startswith("base: auto-fit: device_batch_size 2 (probed") and \
+        fits[1] == "mid: device_batch_size 2 from base's auto-fit (same model, row length and GPUs: not probed again)"
+    for phase in ("base", "mid"):
+        meta = layout.read_meta(env.ckpt_dir("auto", phase), 4)
+        assert (meta["total_batch_size"], meta["device_batch_size"], meta["grad_accum_steps"]) == (256, 2, 4)
+    # the relaunch was given 2 and resumed: the final checkpoint still says what auto-fit probed
+    assert layout.read_meta(env.ckpt_dir("auto"), 4)["nanod"]["autofit"]["probes"] == [[4, False, None], [2, True, None]]
+    status = json.loads(env.nanod("status", "--json").stdout)
+    job_view = next(j for j in status["jobs"] if j["name"] == "auto")
+    assert (job_view["device_batch_size"], job_view["device_batch_size_auto"]) == (2, True)

@@ -702,3 +702,57 @@ def test_e2e_unlisted_checkout_is_rejected_in_the_inbox_and_never_runs(start_dae
     marker = wait_until(lambda: path.with_name(path.name + ".rejected").exists() and
                         path.with_name(path.name + ".rejected"), timeout=10)
     assert "not in the operator's nanochat_repos" in marker.read_text() and d.record("evil") == {}
+
+
+# ---- device_batch_size: auto (nanochat has no auto-fit) -----------------------------------
+
+AUTO_BASE = {"phase": "base", "args": {**BASE["args"], "device_batch_size": "auto", "total_batch_size": 1024}}
+
+
+def test_auto_gets_a_concrete_batch_and_a_note_and_is_not_refused_by_the_flag_check(tmp_path, dash):
+    from daemon.trainers.nanochat_check import list_flag_problems
+    spec = job(dash, [AUTO_BASE])
+    assert list_flag_problems(spec, 0) == []
+    ln = launch(tmp_path, spec, dash)
+    assert isinstance(ln.device_batch_size, int) and 1024 // 64 % ln.device_batch_size == 0
+    assert f"--device-batch-size={ln.device_batch_size}" in ln.argv and "--device-batch-size=auto" not in ln.argv
+    assert [n for n in ln.notes if n.startswith("device_batch_size auto: nanochat has no auto-fit")]
+
+
+def test_auto_without_a_gpu_takes_the_phase_default_capped_by_the_rows_and_says_so(dash):
+    from daemon.gpu.vram import GpuReading
+    from daemon.trainers.nanochat import auto_batch_size
+    none = GpuReading("none", [], note="no NVIDIA GPU found (NVML: not found)")
+    chosen, note = auto_batch_size(job(dash, [AUTO_BASE]), 0, gpus=none)
+    assert chosen == 16   # base's default 32, but a step has 1024 / 64 = 16 rows
+    assert note == ("device_batch_size auto: nanochat has no auto-fit and no GPU is visible here (no NVIDIA GPU "
+                    "found (NVML: not found)): base's default, 16; an out-of-memory halves it")
+
+
+def test_auto_on_a_gpu_is_the_largest_batch_nanods_estimate_fits_in_the_target(dash):
+    from daemon import preflight
+    from daemon.gpu.vram import GpuInfo, GpuReading
+    from daemon.trainers.nanochat import auto_batch_size
+    big = {"phase": "base", "args": {"depth": 8, "max_seq_len": 2048, "device_batch_size": "auto",
+                                     "num_iterations": 10}}
+    spec = job(dash, [big])
+    card = GpuReading("nvml", [GpuInfo(0, "NVIDIA GeForce RTX 4060", 8 << 30, 0, 8 << 30, 0)])
+    chosen, note = auto_batch_size(spec, 0, gpus=card)
+    flags = preflight.phase_flags(spec, 0)
+    assert preflight.estimate_vram(flags, "base", chosen) <= 0.88 * (8 << 30) < \
+        preflight.estimate_vram(flags, "base", 2 * chosen)
+    assert f"nanod's VRAM estimate picks {chosen} for GPU 0 (8.0 GiB)" in note and "target 88%" in note
+
+
+@slow
+def test_e2e_auto_gets_a_number_the_attempt_records_and_an_oom_halves_it(start_daemon, dash):
+    d = start_daemon(dash, {"STANDIN_OOM_ABOVE": "2", "STANDIN_STEP_SECONDS": "0.02"})
+    d.submit("nc", plan_yaml(dash, [AUTO_BASE]))
+    rec = d.wait_state("nc", "done")
+    # 1024 tokens of 64-token rows: 16 rows a step caps the estimate (or base's default 32 without a GPU)
+    assert [a["device_batch_size"] for a in rec["attempts"]] == [16, 8, 4, 2]
+    assert [a["outcome"] for a in rec["attempts"]] == ["oom", "oom", "oom", "completed"]
+    argvs = d.argvs("nc")
+    assert "--device-batch-size=16" in argvs[0] and "--device-batch-size=2" in argvs[3]
+    notes = [e["message"] for e in rec["events"] if e["kind"] == "runner_note"]
+    assert len(notes) == 1 and notes[0].startswith("device_batch_size auto: nanochat has no auto-fit")

@@ -300,3 +300,23 @@ def test_nanod_check_exits_2_on_an_invalid_job_file(tmp_path):
         """))
     assert r.returncode == 2 and r.stderr.startswith("nanod check: plan.yaml:") and len(r.stderr.splitlines()) == 1
     assert nanod_check(tmp_path, None, name="missing.yaml").returncode == 2
+
+
+def test_auto_batch_checks_the_least_it_needs_and_never_crashes(settings):
+    spec = one_phase({"depth": 8, "device_batch_size": "auto", "max_seq_len": 2048, "num_iterations": 10})
+    c = by_name(preflight.check_phase(settings, spec, 0, gpus=RTX_4060))["base vram"]
+    assert c.level == "OK" and "batch 1 (device_batch_size auto" in c.message
+    flags = preflight.phase_flags(spec, 0)
+    assert preflight.estimate_vram(flags, "base") == preflight.estimate_vram(flags, "base", device_batch_size=1)
+    huge = one_phase({"depth": 40, "device_batch_size": "auto", "num_iterations": 10})
+    assert by_name(preflight.check_phase(settings, huge, 0, gpus=RTX_4060))["base vram"].level == "FAIL"
+
+
+def test_batch_from_estimate_is_the_largest_divisor_within_the_target():
+    flags = preflight.phase_flags(one_phase({"depth": 8, "max_seq_len": 2048}), 0)
+    b = preflight.batch_from_estimate(flags, "base", 8 * GIB, 0.88)
+    assert b is not None and 524288 // 2048 % b == 0
+    assert preflight.estimate_vram(flags, "base", b) <= 0.88 * 8 * GIB
+    bigger = [c for c in (2 * b, 4 * b) if 256 % c == 0]
+    assert all(preflight.estimate_vram(flags, "base", c) > 0.88 * 8 * GIB for c in bigger)
+    assert preflight.batch_from_estimate(flags, "base", 1 * GIB, 0.88) is None

@@ -258,3 +258,13 @@ def test_json_schema_is_json_and_describes_phases_and_durations():
     assert {"required": ["phases"]} in schema["anyOf"]
     stall = schema["$defs"]["Recovery"]["properties"]["stall_timeout"]
     assert {"number", "string"} <= {alt["type"] for alt in stall["anyOf"]}
+
+
+def test_device_batch_size_may_be_auto_and_a_bad_one_is_refused_in_one_line():
+    spec = parse("phases: [{phase: base, args: {device_batch_size: auto}}, {phase: mid, args: {device-batch-size: auto}}]\n")
+    assert [p.args["device_batch_size"] for p in spec.phases] == ["auto", "auto"]
+    assert reason("phases: [{phase: base, args: {device_batch_size: big}}]\n").endswith(
+        "phases.base.args.device_batch_size must be an integer (at least 1) or auto, got 'big'")
+    for bad in (0, -3):
+        assert f"phases.base.args.device_batch_size must be at least 1, got {bad}" in \
+            reason(f"phases: [{{phase: base, args: {{device_batch_size: {bad}}}}}]\n")

@@ -178,7 +178,7 @@ def test_daemon_down_is_said_plainly_with_the_saved_state(tmp_path):
 def test_a_clean_stop_is_told_apart_from_a_death(tmp_path):
     _, view = prepared("daemon_stopped", tmp_path)
     assert view["daemon"]["summary"] == "down: stopped cleanly 10m00s ago"
-    assert "resumes at the next start" in render_text(view)
+    assert "resumes at the next start" in render_text(view, width=200)
 
 
 def test_empty_home_says_how_to_start(tmp_path):
@@ -307,3 +307,25 @@ def test_every_json_key_is_documented(tmp_path):
               "rejected": view["rejected"][0]}
     missing = [f"{g}.{k}" for g, obj in groups.items() for k in obj if f'"{k}"' not in doc and f"`{k}`" not in doc]
     assert not missing, f"document these in docs/status-json.md: {missing}"
+
+
+def test_an_auto_batch_is_shown_with_its_choice_and_before_it(tmp_path):
+    d = tmp_path / "running"
+    shutil.copytree(FIXTURES / "running", d)
+    rec_path = d / "home" / "state" / "jobs" / "d8-4060.json"
+    rec = json.loads(rec_path.read_text())
+    rec["spec"]["phases"][0]["args"]["device_batch_size"] = "auto"
+    settings = load_settings(d / "home", lock_dir=d / "locks", nanochat_base_dir=d / "nanochat")
+    world = json.loads((d / "world.json").read_text())
+
+    def view_of(rec):
+        rec_path.write_text(json.dumps(rec))
+        return build_view(settings, probe=FixtureProbe(d, world))
+
+    view = view_of(rec)
+    assert (view["jobs"][0]["device_batch_size"], view["jobs"][0]["device_batch_size_auto"]) == (1, True)
+    assert "device_batch_size 1 (auto)" in render_text(view, width=200)
+    rec["device_batch_size"], rec["attempts"][-1]["device_batch_size"] = {}, None   # still probing
+    view = view_of(rec)
+    assert view["jobs"][0]["device_batch_size"] is None and view["jobs"][0]["device_batch_size_auto"]
+    assert "device_batch_size auto (not chosen yet)" in render_text(view, width=200)

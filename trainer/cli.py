@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 
-from trainer.options import PHASES, Options, fields_of, known_flags, normalise_flag, sft_row_length
+from trainer.options import AUTO, PHASES, Options, fields_of, known_flags, normalise_flag, sft_row_length
 
 
 class BadArgs(Exception):
@@ -43,6 +43,8 @@ def parse_args(argv: list[str]) -> tuple[str, Options, dict]:
         if key not in allowed:
             raise BadArgs(f"flag --{name} does not apply to phase {phase}")
         kind = _kind(fields[key])
+        if fields[key].metadata.get("auto"):
+            kind = "int|auto"
         if not eq:
             if kind == "bool" and (i + 1 >= len(rest) or rest[i + 1].lower() not in _BOOL_WORDS):
                 value = "1"
@@ -74,7 +76,7 @@ def check_values(phase: str, o: Options) -> None:
                 "total_batch_size", "target_examples_per_step", "num_epochs"]
     for name in positive:
         v = getattr(o, name)
-        if v is not None and v < 1:
+        if v is not None and v != AUTO and v < 1:
             raise BadArgs(f"--{name} must be at least 1, got {v}")
     if o.vocab_size < 256 + 16:
         raise BadArgs(f"--vocab_size must be at least 272 (256 bytes + special tokens), got {o.vocab_size}")
@@ -113,6 +115,13 @@ def _kind(f: dataclasses.Field) -> str:
 def _convert(name: str, kind: str, value: str):
     if kind == "str":
         return value
+    if kind == "int|auto":
+        if value.strip().lower() == AUTO:
+            return AUTO
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            raise BadArgs(f"--{name} must be an integer or auto, got {value!r}") from None
     if kind == "bool":
         if value.lower() not in _BOOL_WORDS:
             raise BadArgs(f"--{name} must be true or false, got {value!r}")
@@ -144,5 +153,5 @@ def format_help() -> str:
         lines.append(f"  --{f.name}  [{phases}] default {default}{unused}")
         lines += textwrap.wrap(f.metadata["help"], 88, initial_indent="      ", subsequent_indent="      ")
     lines += ["", "Environment: NANOCHAT_BASE_DIR, TORCH_COMPILE_DISABLE, NANOD_ATTEMPT, NANOD_DISK_RESERVE,",
-              "NANOD_DISK_POLL, NANOD_FAULT_* (see docs/architecture.md)."]
+              "NANOD_DISK_POLL, NANOD_AUTOFIT_TARGET, NANOD_FAULT_* (see docs/architecture.md)."]
     return "\n".join(lines)

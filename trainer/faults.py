@@ -1,7 +1,8 @@
 """Fault injection from NANOD_FAULT_* variables, for tests and for users' own drills.
 
     NANOD_FAULT_OOM_ABOVE=B       every step with device_batch_size > B raises torch.OutOfMemoryError,
-                                  on every attempt (a simulated small card)
+                                  on every attempt (a simulated small card); auto-fit's probes too, so
+                                  --device_batch_size=auto lands on B (the largest candidate <= B)
     NANOD_FAULT_CRASH_AT_STEP=S   raise an uncaught RuntimeError before optimizer step S (0-based):
                                   exit 1 with a traceback
     NANOD_FAULT_HANG_AT_STEP=S    before step S, ignore SIGTERM/SIGINT and sleep forever (only SIGKILL ends it)

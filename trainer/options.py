@@ -25,9 +25,9 @@ SFT = ("sft",)
 BASE_MID = ("base", "mid")
 
 
-def _f(default, phases, help, *, used=True):
-    """A field with its phases and help text (the help is the field's comment)."""
-    return field(default=default, metadata={"phases": phases, "help": help, "used": used})
+def _f(default, phases, help, *, used=True, auto=False):
+    """A field with its phases and help text (the help is the field's comment); auto: also takes "auto"."""
+    return field(default=default, metadata={"phases": phases, "help": help, "used": used, "auto": auto})
 
 
 @dataclass
@@ -54,8 +54,10 @@ class Options:
                                  "sft: the same setting as max_tokens (chat_sft's name)")
     max_tokens: int | None = _f(None, SFT, "sft: every row is padded/truncated to this many tokens; default the model's "
                                 "max_seq_len. max_seq_len is accepted for it too (nanochat's chat_sft name)")
-    device_batch_size: int | None = _f(None, ALL, "rows per forward/backward; base 32, mid: the base checkpoint's, sft 4. "
-                                       "Changes memory, not the optimisation")
+    device_batch_size: int | str | None = _f(None, ALL, "rows per forward/backward; base 32, mid: the base checkpoint's, "
+                                             "sft 4. auto: the largest that fits, found by probing training steps "
+                                             "before the first one (trainer/autofit.py; a resume reuses the "
+                                             "checkpoint's). Changes memory, not the optimisation", auto=True)
     total_batch_size: int | None = _f(None, ALL, "tokens per optimizer step; base 524288, mid: the base checkpoint's, "
                                       "sft: target_examples_per_step x max_tokens. grad_accum = total / (device_batch_size x row length)")
     target_examples_per_step: int = _f(32, SFT, "sft: rows per optimizer step when total_batch_size is not given")
@@ -118,6 +120,47 @@ PHASE_DEFAULTS = {
     "sft": dict(max_tokens="inherit", device_batch_size=4, total_batch_size=None,
                 init_lr_frac=0.02, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0),
 }
+
+
+AUTO = "auto"                 # device_batch_size: auto
+AUTOFIT_TARGET = 0.88         # auto-fit's default share of the card that peak reserved memory may reach
+AUTOFIT_TARGET_ENV = "NANOD_AUTOFIT_TARGET"
+
+
+def autofit_target(env) -> float:
+    """The share of the card auto-fit may fill: NANOD_AUTOFIT_TARGET (0.5-0.99), default 0.88.
+
+    Below ~92 %: fragmentation can make a size that fitted once fail hours later (the OOM
+    back-off is the backstop). Raises ValueError naming the variable."""
+    raw = env.get(AUTOFIT_TARGET_ENV, "").strip()
+    if not raw:
+        return AUTOFIT_TARGET
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{AUTOFIT_TARGET_ENV}={raw!r} is not a number (a share of the card, e.g. 0.88)") from None
+    if not 0.5 <= value <= 0.99:
+        raise ValueError(f"{AUTOFIT_TARGET_ENV}={raw!r} must be between 0.5 and 0.99")
+    return value
+
+
+def batch_candidates(total_batch_size: int, row_length: int, world_size: int = 1) -> list[int]:
+    """Every device_batch_size that keeps total_batch_size divisible by world_size x B x row_length,
+    smallest first: the divisors of a rank's rows per step (empty when even B = 1 does not divide)."""
+    per_pass = world_size * row_length
+    if total_batch_size % per_pass:
+        return []
+    rows = total_batch_size // per_pass
+    small = [d for d in range(1, int(rows ** 0.5) + 1) if rows % d == 0]
+    return sorted(set(small + [rows // d for d in small]))
+
+
+def default_batch_choice(phase: str, candidates: list[int]) -> int:
+    """device_batch_size auto where nothing is probed (a CPU, or a trainer without auto-fit and no GPU
+    to size it for): the largest candidate at most the phase's default (mid inherits base's 32)."""
+    cap = PHASE_DEFAULTS[phase]["device_batch_size"]
+    cap = cap if isinstance(cap, int) else PHASE_DEFAULTS["base"]["device_batch_size"]
+    return max([c for c in candidates if c <= cap] or candidates[:1])
 
 
 def fields_of() -> list[dataclasses.Field]:

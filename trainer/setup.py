@@ -30,7 +30,7 @@ from trainer.cli import BadArgs
 from trainer.data import DataError, DocSource, count_documents, count_stream_tokens, list_data_files
 from trainer.embedded import ensure_embedded_data
 from trainer.model import GPTConfig, config_for_depth
-from trainer.options import Options, phase_defaults
+from trainer.options import AUTO, Options, batch_candidates, phase_defaults
 from trainer.tokenizer import ChatTokenizer, load_tokenizer, save_tokenizer, tokenizer_path, train_tokenizer
 
 TOKENIZER_MAX_CHARS = 2_000_000_000  # text the tokenizer trains on at most (nanochat's tok_train default)
@@ -61,6 +61,14 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     world_size: int = 1            # ranks under torchrun; each step takes world_size x device_batch_size rows a pass
     rank: int = 0
+    # device_batch_size: auto. Before the probe {"candidates": [...]} (device_batch_size and grad_accum
+    # are None until trainer/autofit.py sets them); after it, what the meta records (nanod.autofit)
+    autofit: dict | None = None
+
+    def set_batch(self, device_batch_size: int) -> None:
+        """The device_batch_size auto-fit chose; grad_accum follows, so total_batch_size is kept."""
+        self.device_batch_size = device_batch_size
+        self.grad_accum = self.total_batch_size // (self.world_size * device_batch_size * self.seq_len)
 
 
 def resolve_plan(phase: str, opts: Options, given: dict, *, world_size: int = 1, rank: int = 0) -> Plan:
@@ -98,7 +106,13 @@ def resolve_plan(phase: str, opts: Options, given: dict, *, world_size: int = 1,
         total = opts.target_examples_per_step * seq_len
     row_name = "max_tokens" if phase == "sft" else "max_seq_len"
     W = world_size
-    if total % (W * B * seq_len):
+    autofit = None
+    if B == AUTO:
+        B, autofit = resolve_auto(phase, resume, total, seq_len, W, row_name)
+    elif resume and resume["meta"].get("device_batch_size") == B:
+        # the daemon gives auto's choice as a number to later attempts: the record goes on with it
+        autofit = (resume["meta"].get("nanod") or {}).get("autofit")
+    if B is not None and total % (W * B * seq_len):
         ranks = "world_size x " if W > 1 else ""
         shown = f"{W} x " if W > 1 else ""
         raise BadArgs(f"total_batch_size {total} is not a multiple of {ranks}device_batch_size x {row_name} = "
@@ -112,18 +126,36 @@ def resolve_plan(phase: str, opts: Options, given: dict, *, world_size: int = 1,
             say(f"note: resuming step {resume['step']} of {then} rank{'s' if then > 1 else ''} with {W}: the same rows "
                 f"and optimizer state each step; the gradient sums in another order, so the weights are no longer "
                 f"bitwise those of an uninterrupted {then}-rank run")
-    grad_accum = total // (W * B * seq_len)
+    grad_accum = total // (W * B * seq_len) if B is not None else None
     n_iter = opts.num_iterations if opts.num_iterations > 0 else default_iterations(phase, opts, cfg, total, seq_len, source, tok)
     schedule = {k: pick(k, None) for k in ("init_lr_frac", "warmup_ratio", "warmdown_ratio", "final_lr_frac")}
     plan = Plan(phase=phase, opts=opts, given=given, root=root, model_tag=tag, ckpt_dir=ckpt_dir,
                 data_path=data_path, source=source, tok=tok, model_config=cfg, seq_len=seq_len,
                 device_batch_size=B, total_batch_size=total, grad_accum=grad_accum, num_iterations=n_iter,
                 schedule=schedule, resume=resume, init=init, start_step=resume["step"] if resume else 0,
-                world_size=W, rank=rank)
+                world_size=W, rank=rank, autofit=autofit)
     if resume and resume["meta"].get("num_iterations") not in (None, n_iter):
         say(f"warning: num_iterations is {n_iter} now, {resume['meta']['num_iterations']} in the checkpoint; "
             "the lr schedule follows the new value")
     return plan
+
+
+def resolve_auto(phase: str, resume: dict | None, total: int, seq_len: int, world_size: int,
+                 row_name: str) -> tuple[int | None, dict]:
+    """device_batch_size: auto. A resume reuses its checkpoint's value (no probe: it fitted, and the
+    run goes on exactly as it was); otherwise (None, the candidates) for trainer/autofit.py to probe."""
+    candidates = batch_candidates(total, seq_len, world_size)
+    if not candidates:
+        ranks = "world_size x " if world_size > 1 else ""
+        raise BadArgs(f"device_batch_size auto: total_batch_size {total} is not a multiple of {ranks}{row_name} = "
+                      f"{world_size * seq_len}, so no device_batch_size divides it")
+    if resume:
+        meta = resume["meta"]
+        used = meta.get("device_batch_size")
+        if isinstance(used, int) and used in candidates:
+            earlier = (meta.get("nanod") or {}).get("autofit") or {}
+            return used, {**earlier, "chosen": used, "reused_from_step": resume["step"]}
+    return None, {"candidates": candidates}
 
 
 def say(message: str) -> None:

@@ -38,12 +38,14 @@ from contextlib import nullcontext
 import torch
 
 from trainer import exitcodes, layout
+from trainer.autofit import fit_batch
 from trainer.checkpoint import CheckpointWriter, DiskWaitAborted, remove_stale_temps, wait_for_disk
 from trainer.data import SFTLoader, StreamLoader
 from trainer.distributed import Group, pick_device
 from trainer.faults import Faults
 from trainer.host_alloc import keep_freed_blocks
 from trainer.model import GPT
+from trainer.options import AUTO
 from trainer.optim import build_optimizers
 from trainer.setup import Plan
 from trainer.signals import StopFlag
@@ -83,9 +85,21 @@ class Trainer:
             model = GPT(plan.model_config)
         model.init_weights()
         self.model = model
-        self.optim = build_optimizers(model, embedding_lr=o.embedding_lr, unembedding_lr=o.unembedding_lr,
-                                      matrix_lr=o.matrix_lr, weight_decay=o.weight_decay,
-                                      betas=(o.adam_beta1, o.adam_beta2), init_lr_frac=plan.schedule["init_lr_frac"])
+        self.optim = self.build_optimizer()
+        use_compile = o.compile == "1" or (o.compile == "auto" and cuda)
+        if use_compile and os.environ.get("TORCH_COMPILE_DISABLE") != "1":
+            # model(x, y): the loss inside the graph, as nanochat compiles it, so softcap and
+            # cross-entropy fuse with the head instead of running eagerly on the logits
+            self.loss_of = torch.compile(model, dynamic=False)
+        else:
+            # eager: on the CPU the chunked head+loss (no whole logits tensor); elsewhere the plain one
+            self.loss_of = functools.partial(model, fused=self.device.type == "cpu")
+        self.autocast = (torch.amp.autocast("cuda", dtype=getattr(torch, o.dtype))
+                         if cuda and o.dtype != "float32" else nullcontext())
+        if plan.opts.device_batch_size == AUTO:
+            # device_batch_size: auto, probed with the real model and step before anything is loaded;
+            # it leaves weights, optimizer and RNG as they were (trainer/autofit.py)
+            fit_batch(self)
         self.loop_state = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "last_loss": None}
         data_state = None
         if plan.resume:
@@ -112,20 +126,16 @@ class Trainer:
         plan.resume = plan.init = None  # the loaded state dicts are not needed any more
         loader_cls = SFTLoader if plan.phase == "sft" else StreamLoader
         self.loader = loader_cls(plan.source, plan.tok, plan.seq_len, data_state)
-        use_compile = o.compile == "1" or (o.compile == "auto" and cuda)
-        if use_compile and os.environ.get("TORCH_COMPILE_DISABLE") != "1":
-            # model(x, y): the loss inside the graph, as nanochat compiles it, so softcap and
-            # cross-entropy fuse with the head instead of running eagerly on the logits
-            self.loss_of = torch.compile(model, dynamic=False)
-        else:
-            # eager: on the CPU the chunked head+loss (no whole logits tensor); elsewhere the plain one
-            self.loss_of = functools.partial(model, fused=self.device.type == "cpu")
-        self.autocast = (torch.amp.autocast("cuda", dtype=getattr(torch, o.dtype))
-                         if cuda and o.dtype != "float32" else nullcontext())
         self.writer = CheckpointWriter(should_abort=stop.requested, slow_ms=faults.slow_save_ms, group=group)
         self.step = plan.start_step
         self.last_save_time = time.monotonic()
         self.saved_steps = {plan.start_step} if plan.start_step else set()
+
+    def build_optimizer(self):
+        o = self.plan.opts
+        return build_optimizers(self.model, embedding_lr=o.embedding_lr, unembedding_lr=o.unembedding_lr,
+                                matrix_lr=o.matrix_lr, weight_decay=o.weight_decay,
+                                betas=(o.adam_beta1, o.adam_beta2), init_lr_frac=self.plan.schedule["init_lr_frac"])
 
     def note(self, message: str) -> None:
         """A line on stderr, from rank 0 only (the others would repeat it)."""
@@ -201,6 +211,8 @@ class Trainer:
                       "model_tag": p.model_tag, "flags_given": p.given, "init_from": self.init_from,
                       "data": str(p.data_path), "seed": p.opts.seed},
         }
+        if p.autofit:  # device_batch_size: auto: what was probed and chosen (the chosen value is device_batch_size)
+            meta["nanod"]["autofit"] = p.autofit
         if p.phase == "sft":
             meta["max_tokens"] = p.seq_len
         return meta

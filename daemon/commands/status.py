@@ -240,7 +240,10 @@ def _job_block(sc: _Screen, j: dict, daemon_up: bool, now: float) -> None:
         rwp = f" ({j['restarts_without_progress']}/{budget} without progress)" if budget is not None else ""
         line = f"  restarts {j['restarts']}{rwp} · OOM back-offs {j['oom_backoffs']}"
         if j.get("device_batch_size") is not None:
-            line += f" · device_batch_size {j['device_batch_size']}"
+            auto = " (auto)" if j.get("device_batch_size_auto") else ""
+            line += f" · device_batch_size {j['device_batch_size']}{auto}"
+        elif j.get("device_batch_size_auto"):
+            line += " · device_batch_size auto (not chosen yet)"
         sc.add((line, "yellow" if j["restarts"] or j["oom_backoffs"] else None))
 
 

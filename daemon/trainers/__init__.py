@@ -47,6 +47,7 @@ class Launch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)  # added over the daemon's cleaned environment
     cwd: Path | None = None
+    device_batch_size: int | None = None   # the value the adapter chose for `auto` (a trainer without auto-fit)
 
 
 class TrainerAdapter(Protocol):

@@ -42,6 +42,18 @@ def parse_step_line(line: str) -> Progress | None:
     return Progress(step=int(m.group(1)) + 1, total=int(m.group(2)) if m.group(2) else None, **values)
 
 
+_AUTOFIT = re.compile(r"^auto-fit: (?:device_batch_size (\d+)|(no device_batch_size fits))")
+
+
+def parse_batch_choice(line: str) -> int | None:
+    """The device_batch_size the trainer's auto-fit chose (`auto-fit: device_batch_size 8 (...)`);
+    1 for `auto-fit: no device_batch_size fits` (even the smallest ran out of memory); else None."""
+    m = _AUTOFIT.match(line)
+    if not m:
+        return None
+    return int(m.group(1)) if m.group(1) else 1
+
+
 def classify_by_code(returncode: int, log_tail: str) -> Outcome:
     if returncode == exitcodes.OK:
         return Outcome.COMPLETED
@@ -91,6 +103,9 @@ class BuiltinTrainer:
 
     def classify_exit(self, returncode: int, log_tail: str) -> Outcome:
         return classify_by_code(returncode, log_tail)
+
+    def parse_batch_choice(self, line: str) -> int | None:
+        return parse_batch_choice(line)
 
     def is_complete(self, ckpt_dir: Path, step: int) -> bool:
         return layout.is_complete(ckpt_dir, step)

@@ -160,6 +160,11 @@ class NanochatTrainer:
         root = settings.checkpoint_root if settings is not None else layout.base_dir()
         notes: list[str] = []
 
+        chosen = None
+        if args.get("device_batch_size") == "auto":
+            chosen, note = auto_batch_size(spec, phase_index)
+            args = {**args, "device_batch_size": chosen}
+            notes.append(note)
         flags: dict[str, object] = {}
         for key, value in args.items():
             flags[key], note = translate_value(script, key, value)
@@ -203,7 +208,7 @@ class NanochatTrainer:
         # (attempt_env adds the job's and the phase's env over these)
         env = {"PYTHONUNBUFFERED": "1",  # else stdout into a file is block-buffered: no progress for minutes
                "NANOCHAT_BASE_DIR": str(root)}
-        return NanochatLaunch(argv=argv, env=env, cwd=repo, notes=tuple(notes))
+        return NanochatLaunch(argv=argv, env=env, cwd=repo, notes=tuple(notes), device_batch_size=chosen)
 
     def _newest_input(self, spec, phase_index: int, root: Path, tag: str) -> int | None:
         """The newest complete checkpoint a mid/sft phase can start from, when the daemon named none."""
@@ -240,6 +245,43 @@ class NanochatTrainer:
 
     def classify_exit(self, returncode: int, log_tail: str) -> Outcome:
         return classify_exit(returncode, log_tail)
+
+
+def auto_batch_size(spec, phase_index: int, gpus=None) -> tuple[int, str]:
+    """(device_batch_size, the runner_note saying why) for `auto` on a nanochat phase.
+
+    nanochat cannot probe, so this is nanod's VRAM estimate (preflight.batch_from_estimate) for the
+    job's smallest card at NANOD_AUTOFIT_TARGET of it, and the OOM back-off is the backstop; with no
+    GPU to read, the phase's default (capped to what divides a step's rows). Raises ValueError
+    for a bad NANOD_AUTOFIT_TARGET."""
+    import os
+
+    from daemon import preflight
+    from trainer.options import autofit_target, default_batch_choice
+    phase = spec.phases[phase_index].phase
+    target = autofit_target({**os.environ, **spec.phase_env(phase_index)})
+    shape = preflight.phase_shape(spec, phase_index)
+    candidates = shape["candidates"] or [1]
+    if gpus is None:
+        from daemon.gpu.vram import read_gpus
+        gpus = read_gpus()
+    cards = [g for g in gpus.gpus if g.index in spec.gpu_indices and g.total_bytes]
+    said = "nanochat has no auto-fit"
+    if not cards:
+        chosen = default_batch_choice(phase, candidates)
+        why = gpus.note or "no NVIDIA GPU found"
+        return chosen, (f"device_batch_size auto: {said} and no GPU is visible here ({why}): {phase}'s default, "
+                        f"{chosen}; an out-of-memory halves it")
+    card = min(cards, key=lambda g: g.total_bytes)
+    flags = preflight.phase_flags(spec, phase_index)
+    chosen = preflight.batch_from_estimate(flags, phase, card.total_bytes, target, spec.world_size)
+    where = f"GPU {card.index} ({card.total_bytes / 2**30:.1f} GiB)"
+    if chosen is None:
+        return 1, (f"device_batch_size auto: {said}; even batch 1 is estimated over {target:.0%} of {where}: "
+                   "trying 1")
+    need = preflight.estimate_vram(flags, phase, chosen)
+    return chosen, (f"device_batch_size auto: {said}; nanod's VRAM estimate picks {chosen} for {where} "
+                    f"(estimated {need / 2**30:.1f} GiB, target {target:.0%}); an out-of-memory halves it")
 
 
 def format_flags(flags: dict, *, style: str, script: Script) -> list[str]:

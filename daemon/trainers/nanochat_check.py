@@ -94,6 +94,8 @@ def list_flag_problems(spec, phase_index: int) -> list[str]:
                 continue  # check_checkout says whose it is
             hint = _hint(script, key)
             out.append(f"{field}: no such option in {where}" + (f" ({hint})" if hint else ""))
+        elif key == "device_batch_size" and value == "auto":
+            continue  # nanod picks a number before the launch (nanochat.auto_batch_size)
         elif script.kinds.get(key) and not _fits(script.kinds[key], value, script.configurator):
             out.append(f"{field}: {where} wants {'an' if script.kinds[key] == 'int' else 'a'} "
                        f"{script.kinds[key]}, got {value!r}")
