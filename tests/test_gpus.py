@@ -232,6 +232,7 @@ def on_term(signum, frame):
     with open(os.environ["MARKS"] + "/" + str(os.getpid()), "a") as f:
         f.write("TERM\\n")
 signal.signal(signal.SIGTERM, on_term)
+open(os.environ["READY"] + "/" + str(os.getpid()), "w").close()  # the handler is in place
 while not terms:
     time.sleep(0.02)
 time.sleep(0.3)
@@ -253,15 +254,19 @@ def group(tmp_path, nanod_home):
     fds, _ = gpulock.try_acquire_all(paths)
     marks = tmp_path / "marks"
     marks.mkdir()
+    ready = tmp_path / "ready"
+    ready.mkdir()
     token = f"test-group-{tmp_path}"  # unique: a kill by mark must not reach another run's ranks
-    env = {**os.environ, "MARKS": str(marks), GROUP_ENV: token}
+    env = {**os.environ, "MARKS": str(marks), "READY": str(ready), GROUP_ENV: token}
     log = open(tmp_path / "keeper.log", "wb")
     popen = subprocess.Popen([PYTHON, "-m", "daemon.launchers.keeper", "--", PYTHON, "-c", AGENT], cwd=ROOT, env=env,
                              stdout=log, stderr=subprocess.STDOUT, pass_fds=tuple(fds), start_new_session=True)
     gpulock.release_all(fds)  # from here on only the keeper holds them
     proc = GroupProcess(popen.pid, popen.pid, procs.start_ticks(popen.pid), popen, log=tmp_path / "keeper.log",
                         token=token, nproc=2)
-    wait_until(lambda: len(ranks_of(popen.pid)) == 2, 20, message="the keeper's torchrun and its two ranks")
+    # both ranks alive and their SIGTERM handlers installed (a rank still starting would die of the signal)
+    wait_until(lambda: len(ranks_of(popen.pid)) == 2 and len(list(ready.iterdir())) == 2, 20,
+               message="the keeper's torchrun and its two ranks, ready")
     yield SimpleNamespace(proc=proc, paths=paths, marks=marks, agent=agent_of(popen.pid))
     for pid in procs.descendants(popen.pid):
         os.kill(pid, signal.SIGKILL)

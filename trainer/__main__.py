@@ -43,11 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         group = Group.from_env().start(opts.device_type)
         faults = Faults.from_env()
-        if not group.is_main:
-            group.barrier()  # rank 0 first: it may generate the embedded data and train the tokenizer
-        plan = resolve_plan(phase, opts, given, world_size=group.world_size, rank=group.rank)
+        # rank 0 resolves first (it may generate the embedded data and train the tokenizer), then
+        # says whether it refused: its refusal ends every rank with BAD_ARGS at once, rather than
+        # leaving them to die of its closed connection and torchrun to name that crash the cause
+        if not group.is_main and group.any(False):
+            return exitcodes.BAD_ARGS  # rank 0 printed the reason
+        try:
+            plan = resolve_plan(phase, opts, given, world_size=group.world_size, rank=group.rank)
+        except (BadArgs, DataError):
+            if group.is_main:
+                group.any(True)
+            raise
         if group.is_main:
-            group.barrier()
+            group.any(False)
         return Trainer(plan, stop, faults, group).run()
     except (BadArgs, DataError, ValueError) as e:
         if isinstance(e, ValueError) and not str(e).startswith(("NANOD_", "RANK=", "WORLD_SIZE=", "LOCAL_RANK=")):
