@@ -504,12 +504,13 @@ class Attempts:
                                   progressed=progressed, device_batch_size=att.device_batch_size,
                                   exit_words=words, error=error, stopping=a.stop == "shutdown")
         if a.stop == "cancel" and d.action == Action.NEXT_PHASE:
-            rec.phase_final_steps[a.phase] = newest
             d = Decision(Action.CANCEL, f"cancelled after {a.phase} completed", "cancelled")
-        self._apply(rec, d, newest, att.n)
-        # after the decision, so a completed phase's final step is on record (and protected),
-        # and before any relaunch: the folder holds keep_last whenever a user can look
+        if d.action in (Action.NEXT_PHASE, Action.DONE, Action.CANCEL) and outcome == Outcome.COMPLETED:
+            rec.phase_final_steps[a.phase] = newest   # on record first: the prune keeps a phase's final step
+        # before the job's new state is saved: whoever sees it done, relaunched or in its next phase
+        # finds the folder holding keep_last
         self.prune(rec, [a.phase])
+        self._apply(rec, d, newest, att.n)
 
     def _apply(self, rec: JobRecord, d: Decision, newest: int | None, n: int) -> None:
         phase = rec.phase

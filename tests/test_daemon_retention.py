@@ -55,6 +55,9 @@ def test_a_crash_loop_that_makes_progress_ends_done_with_only_keep_last(env):
     assert rec.state.value == "done", rec.reason
     assert [a.outcome for a in rec.attempts] == ["crashed", "completed"]
     assert layout.list_steps(env.ckpt_dir("crashy")) == [28, 30]
+    kinds = [e["kind"] for e in rec.events]
+    assert kinds.index("done") > max(i for i, k in enumerate(kinds) if k == "pruned"), \
+        "pruned before the job reads done: whoever sees it done finds keep_last held"
 
 
 def test_keep_last_holds_after_a_daemon_restart_and_after_a_phase_ends(env):
