@@ -111,6 +111,7 @@ def test_when_nothing_fits_it_says_so_in_one_line_and_exits_out_of_memory(given)
     assert run.wait() == exitcodes.OOM, run.err()
     said = [line for line in run.err().splitlines() if line.startswith("auto-fit:")]
     assert len(said) == 1 and said[0].startswith("auto-fit: no device_batch_size fits (probed 4 no, 2 no, 1 no in ")
+    assert "not even device_batch_size 1 fits" in run.err().splitlines()[-1]  # no "retry with a smaller auto"
     assert not layout.list_steps(ckpt(given, "none"))
 
 

@@ -62,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _bad(e)
     except torch.OutOfMemoryError:
-        print(f"out of memory before training started with device_batch_size={opts.device_batch_size}: "
-              "retry with a smaller --device_batch_size", file=sys.stderr, flush=True)
+        if opts.device_batch_size == "auto":  # the auto-fit line above says what was probed
+            print("out of memory before training started: not even device_batch_size 1 fits; a smaller model "
+                  "or max_seq_len is needed", file=sys.stderr, flush=True)
+        else:
+            print(f"out of memory before training started with device_batch_size={opts.device_batch_size}: "
+                  "retry with a smaller --device_batch_size", file=sys.stderr, flush=True)
         return exitcodes.OOM
     finally:
         if group is not None:
