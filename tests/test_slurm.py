@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -167,9 +168,9 @@ STANDIN = textwrap.dedent("""\
 """)
 
 
-def run_script(tmp_path):
+def run_script(tmp_path, standin_text: str = STANDIN):
     standin = tmp_path / "standin.py"
-    standin.write_text(STANDIN)
+    standin.write_text(standin_text)
     spec = job("{time: '10', checkpoint_grace: 60s, extra_args: ['--exclusive']}")
     opts = sbatch_options(spec.slurm, job_name="j.a1.nanodx", log=tmp_path / "log", workdir=tmp_path)
     script = tmp_path / "job.sh"
@@ -231,6 +232,61 @@ def test_at_the_time_limit_warning_the_trainer_saves_then_the_script_requeues_it
     out = (tmp_path / "out.log").read_text()
     assert "time limit near: SIGTERM to the trainer" in out and "standin saved after 1 SIGTERM" in out
     assert "requeueing itself" in out and "scontrol requeue failed: nanod relaunches the attempt" in out
+
+
+def test_a_time_limit_warning_that_lands_as_the_trainer_exits_is_never_taken_for_a_crash(tmp_path):
+    """USR1 and the trainer's exit reach bash together: its `wait` returns 138 for the trap, and bash may
+    lose the trainer's status in that race. The script then says the trainer's own 0, or requeues (the next
+    run resumes from the newest checkpoint); never a 138 left for nanod to read as a crash. A race: run
+    30 times (the code before this fix lost it in about a quarter of them)."""
+    script = tmp_path / "race.sh"
+    script.write_text(render_script(["bash", "-c", 'trap "" TERM; kill -USR1 $PPID; exit 0'], [], title="race"))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM")}, "SLURM_JOB_ID": "77"}
+    seen = set()
+    for _ in range(30):
+        r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=30)
+        said = r.stdout.split("the trainer exited with code ")[1].split()[0]
+        requeued = "requeueing itself" in r.stdout and "scontrol requeue failed" in r.stdout
+        assert (said, r.returncode, requeued) in (("0", 0, False), ("138", 138, True)), r.stdout
+        seen.add(said)
+    assert "0" in seen
+
+
+def test_a_trainer_killed_by_the_time_limit_sigterm_itself_is_requeued_not_crashed(tmp_path):
+    """The warning's SIGTERM came before the trainer's handler was in place, or as it exited (Python puts
+    SIGTERM back to the default at exit): 143, and the script requeues; the next run resumes from the
+    newest checkpoint. Here no SLURM answers the requeue, so the script says so and exits 143 for nanod."""
+    bare = 'import os, time\nprint("standin up", os.getpid(), flush=True)\ntime.sleep(60)\n'
+    _, proc, _ = run_script(tmp_path, bare)
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert proc.wait(30) == 143
+    out = (tmp_path / "out.log").read_text()
+    assert "the trainer exited with code 143 (stopped: time_limit)" in out
+    assert "requeueing itself" in out and "scontrol requeue failed: nanod relaunches the attempt" in out
+
+
+def test_a_trainer_killed_by_slurms_own_sigterm_after_the_warning_is_not_requeued_by_the_script(tmp_path):
+    """SLURM's kill at the time limit (its SIGTERM to every process) after the warning's, and the trainer
+    exits 143 of it (a second signal: now, unsaved): the run lost its race with the limit; that TIMEOUT is
+    the daemon's to read, not the script's to requeue."""
+    second_kills = textwrap.dedent("""\
+        import os, signal, time
+        def on_term(s, f):
+            print("standin got SIGTERM 1", flush=True)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)   # as the trainer's: a second one ends it unsaved
+        signal.signal(signal.SIGTERM, on_term)
+        print("standin up", os.getpid(), flush=True)
+        while True:
+            time.sleep(0.05)
+    """)
+    _, proc, trainer = run_script(tmp_path, second_kills)
+    os.kill(proc.pid, signal.SIGUSR1)
+    wait_until(lambda: "standin got SIGTERM 1" in (tmp_path / "out.log").read_text(), 10, message="the warning")
+    os.kill(proc.pid, signal.SIGTERM)   # SLURM ends the job: every process, the trainer too
+    os.kill(trainer, signal.SIGTERM)
+    assert proc.wait(30) == 143
+    out = (tmp_path / "out.log").read_text()
+    assert "the trainer exited with code 143 (stopped: time_limit)" in out and "requeueing itself" not in out
 
 
 def test_a_slurm_launcher_waits_for_slurm_when_squeue_cannot_answer(tmp_path, monkeypatch):

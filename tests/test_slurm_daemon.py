@@ -195,8 +195,9 @@ def test_near_the_time_limit_the_trainer_saves_and_the_job_requeues_itself_until
     """--time=1 (a minute) with checkpoint_grace 20s: USR1 to the script, SIGTERM to the trainer, an emergency
     checkpoint, `scontrol requeue` by the script itself, and the next run resumes from it: nothing lost."""
     env.daemon()
-    # 180 steps of >= 200 ms: more than a run gets before its signal (~30 s in), and the run after it ends
-    # well before its own signal (a signal that lands as the trainer exits would cost a relaunch)
+    # 180 steps of >= 200 ms: more than a run gets before its signal (~25-30 s in; under load three or four
+    # runs). A signal that lands as a run's trainer exits is requeued by the script too (test_slurm.py's
+    # race tests), so however the runs fall it stays one attempt, one batch job
     env.drop(slurm_plan("limited", steps=180, save_every=50, slurm={"time": "1", "checkpoint_grace": "20s"},
                         env={"NANOD_FAULT_SLOW_STEP_MS": "200"}))
     allocs = Allocations(cluster, "limited")
@@ -219,6 +220,31 @@ def test_near_the_time_limit_the_trainer_saves_and_the_job_requeues_itself_until
         done = max(step_lines(before)) + 1
         assert f"resumed from step {done} " in after, "each run resumed from the step the previous one saved"
     assert len(rec.attempts) == 1 and rec.attempts[0].outcome == "completed" and allocs.seen == {job_id}
+
+
+def test_a_time_limit_warning_that_lands_as_the_trainer_exits_stays_one_attempt_and_one_batch_job(env, cluster):
+    """The warning (USR1, sent here by hand) right after the trainer's last line: its SIGTERM lands as the
+    trainer exits, which kills it (143: Python puts SIGTERM back to the default at exit). The script
+    requeues, the next run resumes from the final checkpoint and completes: not a crash, not a second job."""
+    env.daemon()
+    env.drop(slurm_plan("warned", steps=6, save_every=50, slurm={"time": "10", "checkpoint_grace": "20s"}))
+    allocs = Allocations(cluster, "warned")
+    rec = allocs.until(lambda: (r := env.rec("warned")) and r.attempts and r.attempts[-1].slurm and r, 60,
+                       "the batch job")
+    job_id, log = slurm_id(rec), env.home / rec.attempts[0].log
+    allocs.until(lambda: log.exists() and "base complete" in log.read_text(), 120, "the trainer's last line")
+    time.sleep(0.05)   # into its exit (50-300 ms after that line gave 143 every time here)
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+
+    def finished() -> bool:
+        cluster.start_now(job_id)
+        return env.state("warned") in ("done", "failed")
+    allocs.until(finished, 200, "the job to finish")
+    rec, text = env.rec("warned"), log.read_text()
+    assert rec.state.value == "done", rec.reason
+    assert len(rec.attempts) == 1 and rec.attempts[0].outcome == "completed" and allocs.seen == {job_id}
+    if "the trainer exited with code 143" in text:   # (else the signal came before or after the exit)
+        assert "requeueing itself" in text and "resumed from step 6 " in text
 
 
 def test_a_daemon_killed_or_stopped_leaves_its_batch_job_training_and_the_next_one_adopts_it(env, cluster):

@@ -13,7 +13,12 @@ checkpoint on its first SIGTERM and exits at once, saving nothing, on a second):
 
     USR1  the time limit is near: SIGTERM (and SIGCONT) to the trainer once; when it
           has saved and exited INTERRUPTED, the script requeues its own job, which
-          then resumes from that checkpoint
+          then resumes from that checkpoint. Also when that SIGTERM, and no
+          SLURM's own, killed it (143): it came before the trainer's handler was
+          in place, or as it exited after its final checkpoint (Python puts
+          SIGTERM back to the default at exit); the next run resumes from the
+          newest complete checkpoint, the final one included, so such a near miss
+          is neither a crash nor a new batch job
     USR2  nanod stops the attempt (a stall, a cancel: `scancel --batch --signal=USR2`):
           SIGTERM to the trainer once, no requeue
     TERM  SLURM itself ends the job (requeue, pre-emption, scancel, time limit): it sends
@@ -22,8 +27,11 @@ checkpoint on its first SIGTERM and exits at once, saving nothing, on a second):
 The trainer always runs with --resume_from_step=auto, so every run of the job,
 the first or a requeued one, resumes from the newest complete checkpoint with
 no daemon involved. The script's last word is `the trainer exited with code N`,
-which the daemon reads back (SLURM's accounting may be off). This module only
-builds text.
+which the daemon reads back (SLURM's accounting may be off); N is the trainer's
+own status when a trapped signal cuts bash's `wait` short as the trainer exits
+(the script waits once more for it), except where bash lost it in that race:
+then 138, USR1's own, which at a time limit requeues like a 143. This module
+only builds text.
 """
 from __future__ import annotations
 
@@ -57,6 +65,7 @@ set -u
 say() {{ echo "# nanod: slurm job ${{SLURM_JOB_ID:-?}} $*"; }}
 stop=""        # why the trainer is being stopped: time_limit, nanod, slurm
 forwarded=""   # the trainer got its one SIGTERM from this script
+ending=""      # SLURM sent its own SIGTERM to the job (a 143 is then not ours alone)
 trainer=""
 forward() {{
   if [ -n "$trainer" ] && [ -n "$stop" ] && [ "$stop" != slurm ] && [ -z "$forwarded" ]; then
@@ -67,7 +76,7 @@ forward() {{
 }}
 trap '[ -z "$stop" ] && stop=time_limit && say "time limit near: SIGTERM to the trainer for its checkpoint"; forward' USR1
 trap '[ -z "$stop" ] && stop=nanod && say "stopped by nanod: SIGTERM to the trainer"; forward' USR2
-trap '[ -z "$stop" ] && stop=slurm && say "SLURM is ending this run: the trainer has its own SIGTERM"' TERM
+trap 'ending=1; [ -z "$stop" ] && stop=slurm && say "SLURM is ending this run: the trainer has its own SIGTERM"' TERM
 say "{START_MARK}$(( ${{SLURM_RESTART_COUNT:-0}} + 1 )) on $(hostname -s), restart count ${{SLURM_RESTART_COUNT:-0}}"
 rc=4
 if [ -z "$stop" ]; then
@@ -79,10 +88,17 @@ if [ -z "$stop" ]; then
     rc=$?
     kill -0 "$trainer" 2>/dev/null || break   # wait was cut short by a trapped signal: wait again
   done
+  # a signal that cut the last wait short as the trainer exited: the shell may still hold its status
+  # (127: already reported, rc has it; -1: bash lost it in that race, rc stays 138, USR1's, not the trainer's)
+  wait "$trainer" 2>/dev/null
+  last=$?
+  [ "$last" = 127 ] || [ "$last" = -1 ] || rc=$last
 fi
 say "{EXIT_MARK}$rc${{stop:+ (stopped: $stop)}}"
-if [ "$stop" = time_limit ] && [ "$rc" = 4 ]; then
-  say "requeueing itself: the next run resumes from the emergency checkpoint"
+# 4: saved and stopped; 143: killed by this script's SIGTERM alone (before its handler, or as it exited);
+# 138: it exited as the warning came and bash lost its status. The next run resumes from the newest checkpoint
+if [ "$stop" = time_limit ] && {{ [ "$rc" = 4 ] || {{ [ -z "$ending" ] && {{ [ "$rc" = 143 ] || [ "$rc" = 138 ]; }}; }}; }}; then
+  say "requeueing itself: the next run resumes from the newest checkpoint"
   if scontrol requeue "$SLURM_JOB_ID"; then
     # wait for SLURM to end this run: a script that exits first can end the job before the requeue lands
     trap 'exit 0' TERM
