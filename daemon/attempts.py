@@ -246,48 +246,14 @@ class Attempts:
         return a
 
     def _batch_size(self, rec: JobRecord) -> int | None:
-        """The working device_batch_size: this phase's, else min(configured, what an earlier OOM left).
-
-        A phase with device_batch_size auto: what its own first attempt chose (or an OOM lowered it
-        to), else an earlier auto phase's working value when the shape is the same, else None: the
-        trainer probes. An auto phase's value is a measurement of its own shape, not an OOM's cap,
-        so it caps no later phase."""
-        spec = rec.job_spec
-        phase = spec.phases[rec.phase_index]
-        if phase.phase in rec.device_batch_size:
-            return rec.device_batch_size[phase.phase]
-        configured = phase.args.get("device_batch_size")
-        if configured == "auto":
-            return self._reused_auto_batch(rec)
-        cap = None
-        for p in spec.phases[: rec.phase_index]:
-            used, asked = rec.device_batch_size.get(p.phase), p.args.get("device_batch_size")
-            if asked == "auto":
-                continue
-            if isinstance(used, int) and (not isinstance(asked, int) or used < asked):
-                cap = used if cap is None else min(cap, used)
-        return supervisor.working_batch_size(configured if isinstance(configured, int) else None, cap)
-
-    def _reused_auto_batch(self, rec: JobRecord) -> int | None:
-        """The nearest earlier auto phase's working value if this phase has its shape (model, row length,
-        GPUs) and its total batch takes that value; None: probe again."""
-        from daemon.preflight import phase_shape
-        spec, i = rec.job_spec, rec.phase_index
-        for j in range(i - 1, -1, -1):
-            prev = spec.phases[j]
-            used = rec.device_batch_size.get(prev.phase)
-            if prev.args.get("device_batch_size") != "auto" or not isinstance(used, int):
-                continue
-            now, then = phase_shape(spec, i), phase_shape(spec, j)
-            same = all(now[k] == then[k] for k in ("model", "row", "ranks"))
-            if same and used in now["candidates"]:
-                # the phase's working value from now on (said once, however long the launch then waits)
-                rec.device_batch_size[spec.phases[i].phase] = used
-                self.queue.note(rec, "autofit", f"{spec.phases[i].phase}: device_batch_size {used} from {prev.phase}'s "
-                                "auto-fit (same model, row length and GPUs: not probed again)")
-                return used
-            return None
-        return None
+        """The working device_batch_size of rec's phase (supervisor.phase_batch_size decides); a value
+        reused from an earlier auto phase becomes this phase's at once, said once."""
+        phase = rec.job_spec.phases[rec.phase_index].phase
+        dbs, reused = supervisor.phase_batch_size(rec.job_spec, rec.phase_index, rec.device_batch_size)
+        if reused:
+            rec.device_batch_size[phase] = dbs   # however long the launch then waits, not said again
+            self.queue.note(rec, "autofit", reused)
+        return dbs
 
     def _preflight(self, rec: JobRecord, dbs: int | None) -> bool:
         """check_phase once per phase start (per daemon run): FAIL fails the job, WARN is noted."""

@@ -18,6 +18,9 @@ The rules (DESIGN.md promises 4-6):
   with the last error line.
 - bad arguments or data, or a trainer that cannot start: failed at once.
 - interrupted by our own graceful stop: back to the head of the queue.
+- the batch a phase starts with (`phase_batch_size`): its working value, else the
+  given number capped by an earlier OOM, else (auto) an earlier auto phase's
+  choice when the shape is the same, else none: the trainer's auto-fit probes.
 """
 from __future__ import annotations
 
@@ -68,6 +71,46 @@ def working_batch_size(configured: int | None, cap: int | None) -> int | None:
     if configured is None:
         return cap
     return min(configured, cap)
+
+
+def phase_batch_size(spec, index: int, working: dict) -> tuple[int | None, str | None]:
+    """(the device_batch_size phase `index` starts with, a note when it reuses an earlier auto phase's).
+
+    `working` is the job's per-phase working values (what auto-fit chose, what an OOM left). A phase
+    that has one keeps it. A given number is capped by what an OOM left in an earlier phase. A phase
+    with device_batch_size auto takes the nearest earlier auto phase's value when it has that phase's
+    shape (model, row length, GPUs) and its total batch takes the value; else None: the trainer
+    probes. An auto phase's value measures its own shape, not an OOM's cap, so it caps no later phase.
+    """
+    phase = spec.phases[index]
+    if phase.phase in working:
+        return working[phase.phase], None
+    configured = phase.args.get("device_batch_size")
+    if configured == "auto":
+        return _reused_auto(spec, index, working)
+    cap = None
+    for p in spec.phases[:index]:
+        used, asked = working.get(p.phase), p.args.get("device_batch_size")
+        if asked == "auto":
+            continue
+        if isinstance(used, int) and (not isinstance(asked, int) or used < asked):
+            cap = used if cap is None else min(cap, used)
+    return working_batch_size(configured if isinstance(configured, int) else None, cap), None
+
+
+def _reused_auto(spec, index: int, working: dict) -> tuple[int | None, str | None]:
+    from daemon.preflight import phase_shape
+    for j in range(index - 1, -1, -1):
+        prev = spec.phases[j]
+        used = working.get(prev.phase)
+        if prev.args.get("device_batch_size") != "auto" or not isinstance(used, int):
+            continue
+        now, then = phase_shape(spec, index), phase_shape(spec, j)
+        if all(now[k] == then[k] for k in ("model", "row", "ranks")) and used in now["candidates"]:
+            return used, (f"{spec.phases[index].phase}: device_batch_size {used} from {prev.phase}'s auto-fit "
+                          "(same model, row length and GPUs: not probed again)")
+        return None, None
+    return None, None
 
 
 def is_stalled(*, now: float, last_activity: float, saw_step: bool, paused: bool,
