@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(PY) -m daemon.demo
 
 test: $(STAMP) nanochat-venv
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 3 --dist loadgroup --durations=15
 
 bench: $(STAMP) nanochat-venv
 	$(PY) -m bench

@@ -52,8 +52,10 @@ def test_kill_9_of_the_trainer_again_and_again_ends_with_bitwise_identical_weigh
 
 def test_a_sigstopped_trainer_is_found_stalled_its_group_killed_and_the_job_relaunched(env):
     env.daemon()
-    # long enough that it cannot finish between its first recorded step and the SIGSTOP on a busy machine
-    env.drop(plan("frozen", steps=200, save_every=50, recovery={"stall_timeout": "2s", "kill_grace": "10s"}))
+    # slow steps (a sleep, not CPU): it cannot finish between its first recorded step and the SIGSTOP on a
+    # busy machine, and the relaunch's 60 steps cost the suite little
+    env.drop(plan("frozen", steps=60, save_every=50, env={"NANOD_FAULT_SLOW_STEP_MS": "100"},
+                  recovery={"stall_timeout": "2s", "kill_grace": "10s"}))
     wait_until(lambda: attempt_pid(env, "frozen", 1) and env.rec("frozen").progress, 120, message="first step")
     pid = attempt_pid(env, "frozen", 1)
     os.kill(pid, signal.SIGSTOP)

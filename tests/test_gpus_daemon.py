@@ -108,7 +108,9 @@ def test_a_two_gpu_plan_waits_for_a_held_gpu_then_runs_base_mid_sft_holding_both
     try:
         wait_until(lambda: gpulock.is_held(watch.locks[1]), 20, message="exec to hold GPU 1")
         env.daemon()
-        env.drop(wide_plan("wide", steps=60, save_every=20, phases=("base", "mid", "sft")))
+        plan = wide_plan("wide", steps=30, save_every=10, phases=("base", "mid", "sft"))
+        plan["env"]["NANOD_FAULT_SLOW_STEP_MS"] = "100"   # running long enough to be seen, at little CPU
+        env.drop(plan)
         rec = env.wait_state("wide", "waiting", timeout=60)
         assert rec.reason.startswith("waiting for GPU 1's lock, held by pid ") and "time.sleep(60)" in rec.reason
         assert not gpulock.is_held(watch.locks[0]), "the job holds no lock while it waits for another"
@@ -126,7 +128,7 @@ def test_a_two_gpu_plan_waits_for_a_held_gpu_then_runs_base_mid_sft_holding_both
     watch.until(lambda: env.state("wide") in ("done", "failed"), 300, "the plan to finish")
     rec = env.rec("wide")
     assert rec.state.value == "done", rec.reason
-    assert rec.phase_final_steps == {"base": 60, "mid": 4, "sft": 4}
+    assert rec.phase_final_steps == {"base": 30, "mid": 4, "sft": 4}
     for phase, step in rec.phase_final_steps.items():
         d = env.ckpt_dir("wide", phase)
         assert layout.is_complete(d, step) and layout.read_meta(d, step)["nanod"]["world_size"] == 2
