@@ -30,9 +30,8 @@ def add_arguments(parser) -> None:
 
 def run(args, settings) -> int:
     from daemon.cli import UserError
-    name = args.name
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name) or name in (".", ".."):
-        raise UserError(f"{name!r} is not a job name (names match [a-z0-9][a-z0-9._-]{{0,63}})")
+    from daemon.commands import job_name
+    name = job_name(args.name)
     rec = load_record(settings, name)
     if rec is None and not (settings.logs_dir / name).is_dir():
         raise UserError(f"no job named {name!r} in {settings.home} (nanod list shows the jobs)")

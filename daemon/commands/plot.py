@@ -27,8 +27,8 @@ def add_arguments(parser) -> None:
 def run(args, settings) -> int:
     from daemon.cli import UserError
     from daemon.commands.logs import load_record
-    if not _valid_name(args.name):
-        raise UserError(f"{args.name!r} is not a job name")
+    from daemon.commands import job_name
+    job_name(args.name)
     rec = load_record(settings, args.name)
     if rec is None:
         raise UserError(f"no job named {args.name!r} in {settings.home} (nanod list shows the jobs)")
@@ -42,11 +42,6 @@ def run(args, settings) -> int:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     print(out.absolute())
     return 0
-
-
-def _valid_name(name: str) -> bool:
-    import re
-    return bool(re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", name)) and name not in (".", "..")
 
 
 # ---- data ------------------------------------------------------------------------------

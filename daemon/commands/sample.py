@@ -60,8 +60,8 @@ def exec_trainer(command: str, args, settings, extra: list[str]) -> int:
     from daemon.cli import UserError
     from daemon.queue import load_job
     check_generation_arguments(args)
-    if not _valid_name(args.name):
-        raise UserError(f"{args.name!r} is not a job name (names match [a-z0-9][a-z0-9._-]{{0,63}})")
+    from daemon.commands import job_name
+    job_name(args.name)
     rec = load_job(settings, args.name)
     if rec is None:
         raise UserError(f"no job named {args.name!r} in {settings.home} (nanod list shows the jobs)")
@@ -197,7 +197,3 @@ def nanochat_instead(settings, rec, command: str, prompt: str) -> str:
         lines.append("  (the job has no chat model yet: -i base talks to its base model)")
     return "\n".join(lines)
 
-
-def _valid_name(name: str) -> bool:
-    from daemon.commands.plot import _valid_name as valid
-    return valid(name)
