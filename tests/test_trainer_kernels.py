@@ -143,5 +143,7 @@ def test_keep_freed_blocks_stops_the_page_faults_of_each_micro_batch():
     if kept == "not-glibc":
         pytest.skip("not glibc: keep_freed_blocks has nothing to tune")
     default = int(faults("default"))
-    assert int(kept) < 500, f"{kept} page faults a micro-batch with the thresholds raised ({default} without)"
     assert default > 2000, f"glibc's defaults did not fault ({default} a micro-batch): the test shows nothing here"
+    # relative: the absolute count moves with what else the machine runs (2,048 once beside the suite's
+    # other workers, against 12,260 without the thresholds; under 500 alone)
+    assert int(kept) * 4 < default, f"{kept} page faults a micro-batch with the thresholds raised ({default} without)"
